@@ -1,0 +1,78 @@
+"""Command line: `distsent train|predict ...`. Parses, sets up logging, dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from distsent.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distsent.config import load_config
+
+    # A config file is optional: the first positional is one only if it is not an override.
+    config_path = None
+    overrides = list(args.items)
+    if overrides and "=" not in overrides[0]:
+        config_path = overrides.pop(0)
+    cfg = load_config(config_path, overrides)
+    from distsent.train import train
+
+    train(cfg)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from distsent.predict import Predictor
+
+    if not args.texts:
+        raise ConfigError("predict: give one or more texts")
+    predictor = Predictor(args.model)
+    for row in predictor.predict(args.texts):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distsent", description="Fine-tune BERT-style encoders for sentiment and emotion.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model", description="distsent train [CONFIG.yaml] [section.key=value ...]")
+    train.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help="optional YAML config, then dotted overrides")
+    train.set_defaults(handler=_train)
+
+    predict = commands.add_parser("predict", help="classify texts with an exported model")
+    predict.add_argument("--model", required=True, help="exported model folder (e.g. runs/x/best)")
+    predict.add_argument("texts", nargs="*", help="texts to classify")
+    predict.set_defaults(handler=_predict)
+    return parser
+
+
+def _configure_logging(rank: int) -> None:
+    # Only rank 0 talks; the others report warnings and errors.
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "datasets", "transformers", "accelerate", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from distsent.distributed import prepare_environment
+
+    info = prepare_environment()
+    _configure_logging(info.rank)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"distsent: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

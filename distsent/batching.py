@@ -1,0 +1,104 @@
+"""Batching: which examples each process sees, in which order, and how they are padded.
+
+The training order is a pure function of (seed, epoch), computed identically on every
+rank, so sharding needs no communication and a resumed run can skip straight to any
+optimizer step. One optimizer step consumes one *global batch* of
+`micro_batch_size x world_size x grad_accum_steps` examples; the global batch is cut
+into micro-batches and micro-batch `a * world_size + rank` goes to `rank` at
+accumulation step `a`. So N processes see exactly the examples one process with the
+same global batch sees (incomplete global batches at the end of an epoch are dropped).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+# Length grouping sorts within windows of this many global batches: enough to make
+# batches homogeneous in length, few enough that every epoch still mixes the data.
+GROUPING_WINDOW_BATCHES = 64
+
+
+class TrainBatchPlan:
+    """The per-epoch, per-rank sequence of micro-batches (lists of example indices)."""
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        micro_batch_size: int,
+        world_size: int,
+        rank: int,
+        grad_accum_steps: int,
+        seed: int,
+        length_grouping: bool,
+    ) -> None:
+        self.lengths = np.asarray(lengths)
+        self.micro_batch_size = micro_batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.grad_accum_steps = grad_accum_steps
+        self.seed = seed
+        self.length_grouping = length_grouping
+        self.global_batch_size = micro_batch_size * world_size * grad_accum_steps
+        self.steps_per_epoch = len(self.lengths) // self.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set ({len(self.lengths)} examples) is smaller than one global batch "
+                f"({self.global_batch_size} = {micro_batch_size} x {world_size} processes x {grad_accum_steps} accumulation)"
+            )
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """All global batches of an epoch, identical on every rank."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        size = self.global_batch_size
+        usable = self.steps_per_epoch * size
+        if not self.length_grouping:
+            return [order[i : i + size] for i in range(0, usable, size)]
+        window = size * GROUPING_WINDOW_BATCHES
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            # Longest first inside each window; a stable sort keeps ties in random order.
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + size] for i in range(0, len(chunk) - size + 1, size))
+        # Dropping happens per window, so keep the count fixed at steps_per_epoch.
+        batches = batches[: self.steps_per_epoch]
+        # Shuffle batch order so lengths (and any label-length correlation) are not a trend.
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[list[int]]:
+        """This rank's micro-batches for `epoch`, beginning at optimizer step `start_step`."""
+        mb = self.micro_batch_size
+        for global_batch in self.global_batches(epoch)[start_step:]:
+            for accum_index in range(self.grad_accum_steps):
+                piece = accum_index * self.world_size + self.rank
+                yield global_batch[piece * mb : (piece + 1) * mb].tolist()
+
+
+def eval_shard(num_examples: int, world_size: int, rank: int) -> list[int]:
+    """This rank's evaluation indices, padded with -1 so every rank runs the same number
+    of forward passes (ZeRO-3 gathers parameters collectively in each one)."""
+    per_rank = -(-num_examples // world_size)
+    indices = list(range(rank, num_examples, world_size))
+    return indices + [-1] * (per_rank - len(indices))
+
+
+class PadCollator:
+    """Pads a list of tokenised examples to the longest in the batch."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, example in enumerate(examples):
+            ids = example["input_ids"]
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        labels = torch.as_tensor([e["label"] for e in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

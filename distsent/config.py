@@ -1,0 +1,371 @@
+"""Run configuration: the one home of every default.
+
+A run is described by nested dataclasses. A YAML file holds only what differs from
+the defaults, and dotted command-line overrides (`train.lr=3e-5`) win over the file.
+Unknown keys, wrong types and out-of-range values are refused before any work
+starts, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans and floats: `no`/`off` stay strings (`mixed_precision: no`)
+    and `3e-5` is a number, as users mean them."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "all-MiniLM-L6-v2"
+    """Encoder to fine-tune: `all-MiniLM-L6-v2` (packaged), `tiny-bert` (random, for tests), a Hub id or a local folder."""
+    head: Literal["cls", "mean", "cnn"] = "cls"
+    """Classification head: the model's own (`cls`), masked mean pooling (`mean`) or 1-D convolutions (`cnn`)."""
+    single_logit: bool = False
+    """Binary tasks only: one logit trained with BCE instead of two with cross-entropy."""
+    dropout: float | None = None
+    """Dropout for encoder and head; None keeps the checkpoint's own (0.0 turns dropout off)."""
+    freeze: list[str] = field(default_factory=list)
+    """Freeze parameters whose name contains any of these patterns (`embeddings.`, `encoder.layer.0.`)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel; SDPA is the fast default on CPU and GPU."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a Hub id."""
+
+    def validate(self) -> None:
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, allow_none=True)
+        if not self.name:
+            raise ConfigError("model.name must not be empty")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded:rotten_tomatoes"
+    """`embedded:rotten_tomatoes`, `embedded:imdb`, `hub:NAME[/CONFIG]`, or `files` (train_file etc.)."""
+    train_file: str | None = None
+    """Local training file (CSV, TSV, JSON, JSONL, Parquet) when dataset=files."""
+    validation_file: str | None = None
+    """Local validation file; without one, a seeded stratified split of the training data is held out."""
+    test_file: str | None = None
+    """Local test file (optional)."""
+    hub_subset: str | None = None
+    """Hub dataset configuration name (e.g. `sst2` for `hub:nyu-mll/glue`)."""
+    train_split: str = "train"
+    """Hub split used for training."""
+    validation_split: str | None = None
+    """Hub split used for validation; None holds out part of the training split."""
+    text_column: str = "text"
+    """Column holding the text."""
+    label_column: str = "label"
+    """Column holding the label (names or integer ids)."""
+    labels: list[str] | None = None
+    """Label names in id order; None derives them (sorted) from the training data."""
+    validation_fraction: float = 0.1
+    """Fraction held out (stratified, seeded) as validation when the source has no validation split."""
+    test_fraction: float = 0.0
+    """Fraction held out (stratified, seeded) as test when the source has no test split."""
+    split_seed: int = 42
+    """Seed of the held-out split, separate from the training seed so runs compare on the same data."""
+    max_length: int = 128
+    """Maximum tokens per text, special tokens included."""
+    max_train_samples: int | None = None
+    """Use only the first N training examples (after shuffling with split_seed); for smoke runs."""
+    max_eval_samples: int | None = None
+    """Use only the first N validation examples; for smoke runs."""
+
+    def validate(self) -> None:
+        _check_range("data.validation_fraction", self.validation_fraction, 0.0, 0.9)
+        _check_range("data.test_fraction", self.test_fraction, 0.0, 0.9)
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("data.validation_fraction + data.test_fraction must be < 1")
+        _check_range("data.max_length", self.max_length, 8, 8192)
+        _check_range("data.max_train_samples", self.max_train_samples, 1, None, allow_none=True)
+        _check_range("data.max_eval_samples", self.max_eval_samples, 1, None, allow_none=True)
+        if self.dataset == "files" and not self.train_file:
+            raise ConfigError("data.train_file is required when data.dataset=files")
+        known = ("embedded:", "hub:")
+        if self.dataset != "files" and not self.dataset.startswith(known):
+            raise ConfigError(
+                f"data.dataset must be 'files', 'embedded:NAME' or 'hub:NAME', got {self.dataset!r}"
+            )
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; overrides epochs."""
+    batch_size: int = 32
+    """Micro-batch size per process."""
+    eval_batch_size: int = 128
+    """Batch size per process for evaluation (no gradients, so it can be larger)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to biases and LayerNorm weights."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps spent warming up linearly (ignored when warmup_steps is set)."""
+    warmup_steps: int | None = None
+    """Warm-up length in optimizer steps; overrides warmup_ratio."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 42
+    """Seed for model initialisation, data order and dropout."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """Autocast precision; `auto` picks bf16 where the device supports it, else fp32."""
+    length_grouping: bool = True
+    """Batch texts of similar length together (less padding); global batches stay random."""
+    log_every_steps: int = 20
+    """Log train loss every N optimizer steps."""
+    eval_every_steps: int | None = None
+    """Validate every N optimizer steps (in addition to epoch ends)."""
+    eval_every_epoch: bool = True
+    """Validate at the end of each epoch."""
+    best_metric: str = "accuracy"
+    """Validation metric that picks the `best` export (e.g. accuracy, f1_macro, f1_weighted, loss)."""
+    threads: int | None = None
+    """CPU threads per process for torch; None lets torch decide."""
+
+    def validate(self) -> None:
+        _check_range("train.epochs", self.epochs, 0.0, None, exclusive_low=True)
+        _check_range("train.max_steps", self.max_steps, 1, None, allow_none=True)
+        _check_range("train.batch_size", self.batch_size, 1, None)
+        _check_range("train.eval_batch_size", self.eval_batch_size, 1, None)
+        _check_range("train.grad_accum_steps", self.grad_accum_steps, 1, None)
+        _check_range("train.lr", self.lr, 0.0, 1.0, exclusive_low=True)
+        _check_range("train.weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range("train.adam_beta1", self.adam_beta1, 0.0, 1.0)
+        _check_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0)
+        _check_range("train.adam_eps", self.adam_eps, 0.0, 1.0, exclusive_low=True)
+        _check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_range("train.warmup_steps", self.warmup_steps, 0, None, allow_none=True)
+        _check_range("train.max_grad_norm", self.max_grad_norm, 0.0, None)
+        _check_range("train.log_every_steps", self.log_every_steps, 1, None)
+        _check_range("train.eval_every_steps", self.eval_every_steps, 1, None, allow_none=True)
+        _check_range("train.threads", self.threads, 1, None, allow_none=True)
+
+    def micro_batches_per_step(self, world_size: int) -> int:
+        """Micro-batches (across all processes) that make one optimizer step."""
+        return world_size * self.grad_accum_steps
+
+    def global_batch_size(self, world_size: int) -> int:
+        """Examples per optimizer step: micro batch x processes x accumulation."""
+        return self.batch_size * self.micro_batches_per_step(world_size)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = None
+    """Write a resumable full-state checkpoint every N optimizer steps (epoch ends always write one)."""
+    keep_last: int = 2
+    """Resumable checkpoints kept under <output_dir>/checkpoints/ (older ones are deleted)."""
+
+    def validate(self) -> None:
+        _check_range("checkpoint.every_steps", self.every_steps, 1, None, allow_none=True)
+        _check_range("checkpoint.keep_last", self.keep_last, 1, None)
+
+
+@dataclass
+class LogConfig:
+    wandb: bool = False
+    """Log to Weights & Biases (main process only; WANDB_MODE=offline works)."""
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    """Run folder: resolved config, metrics, summary, exports (`best/`, `final/`)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+        for section in (self.model, self.data, self.train, self.checkpoint, self.log):
+            section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_range(
+    key: str,
+    value: float | int | None,
+    low: float | None,
+    high: float | None,
+    *,
+    allow_none: bool = False,
+    exclusive_low: bool = False,
+) -> None:
+    if value is None:
+        if allow_none:
+            return
+        raise ConfigError(f"{key} must be set")
+    too_low = low is not None and (value <= low if exclusive_low else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        bracket = "(" if exclusive_low else "["
+        upper = "inf)" if high is None else f"{high}]"
+        raise ConfigError(f"{key} must be in {bracket}{low}, {upper}, got {value}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check `value` against a field's type annotation, converting only where lossless."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: got {value!r}, which fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            choices = "|".join(str(a) for a in args)
+            raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _apply(target: Any, values: dict[str, Any], prefix: str) -> None:
+    """Set fields of dataclass `target` from a nested dict, naming any unknown key."""
+    hints = typing.get_type_hints(type(target))
+    names = {f.name for f in dataclasses.fields(target)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(names))})")
+        current = getattr(target, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; set its keys, e.g. {key}.<name>=...")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(target, name, _coerce(key, value, hints[name]))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into its key path and a YAML-typed value (`3e-5`, `true`, `[a, b]`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = read_yaml(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    nested: dict[str, Any] = {path[-1]: value}
+    for part in reversed(path[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the run config: defaults, then the YAML file, then dotted overrides; then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = read_yaml(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: must hold a mapping of sections, got {type(values).__name__}")
+        try:
+            _apply(cfg, values, "")
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from error
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _apply(cfg, _nest(key_path, value), "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with `Config.to_dict` (e.g. from an export)."""
+    cfg = Config()
+    _apply(cfg, values, "")
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,137 @@
+"""Distributed setup: the only module that reads RANK, WORLD_SIZE and the launcher's variables.
+
+One `Accelerator` covers single-process debug runs, DDP (NCCL on GPU, gloo on CPU) and
+DeepSpeed ZeRO through accelerate. CPU-only machines run the same launch files users run
+on GPUs: accelerate needs `cpu=True` to use gloo for DDP, and DeepSpeed needs its CPU
+accelerator (`DS_ACCELERATOR=cpu`) plus an explicit gloo process group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from distsent.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What the launcher (accelerate, torchrun, Slurm) told this process."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    use_deepspeed: bool
+    has_cuda: bool
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def read_launch_info() -> LaunchInfo:
+    return LaunchInfo(
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        rank=int(os.environ.get("RANK", "0")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        use_deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true",
+        has_cuda=torch.cuda.is_available(),
+    )
+
+
+def prepare_environment() -> LaunchInfo:
+    """Set process-wide variables that must exist before DeepSpeed or accelerate are imported."""
+    info = read_launch_info()
+    if info.use_deepspeed and not info.has_cuda:
+        # DeepSpeed picks its accelerator once, at import; without this it looks for CUDA.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Tokenizers' own thread pool fights torch's for the same cores and warns after fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return info
+
+
+def cpu_supports_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_mixed_precision(requested: str, info: LaunchInfo) -> str:
+    """Turn `auto` into a concrete precision and refuse one the device cannot run."""
+    if info.has_cuda:
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return "bf16" if bf16_ok else "fp16"
+        if requested == "bf16" and not bf16_ok:
+            raise ConfigError("train.mixed_precision=bf16 is not supported by this GPU; use fp16 or no")
+        return requested
+    if requested == "auto":
+        return "bf16" if cpu_supports_bf16() else "no"
+    if requested == "fp16":
+        raise ConfigError(
+            "train.mixed_precision=fp16 needs a CUDA GPU (fp16 loss scaling is GPU-only); on CPU use bf16 or no"
+        )
+    if requested == "bf16" and not cpu_supports_bf16():
+        raise ConfigError("train.mixed_precision=bf16: this CPU has no bf16 support; use no")
+    return requested
+
+
+def build_accelerator(cfg: Config, info: LaunchInfo):
+    """The Accelerator for this process, with precision and accumulation from the run config."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    precision = resolve_mixed_precision(cfg.train.mixed_precision, info)
+    kwargs_handlers = []
+    use_cpu = not info.has_cuda
+    if info.use_deepspeed and not info.has_cuda:
+        # accelerate would otherwise let DeepSpeed choose its CPU default (oneCCL), which is
+        # rarely installed, and report world size 1; gloo is always there.
+        kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        use_cpu = False
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        kwargs_handlers=kwargs_handlers,
+    )
+    if accelerator.num_processes != info.world_size:
+        raise RuntimeError(
+            f"the launcher started {info.world_size} processes but accelerate sees {accelerator.num_processes}; "
+            "run `distsent doctor` under the same launcher to see why"
+        )
+    if accelerator.state.deepspeed_plugin is not None:
+        reconcile_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, info.world_size, precision)
+    return accelerator
+
+
+def reconcile_deepspeed_config(ds_config: dict, cfg: Config, world_size: int, precision: str) -> None:
+    """Fill DeepSpeed's "auto" values from the run config; refuse values that contradict it.
+
+    The run config is the single source of truth for batch sizes, clipping and precision,
+    so a DeepSpeed JSON either says "auto" or agrees with it."""
+    expected = {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.train.global_batch_size(world_size),
+        "gradient_clipping": cfg.train.max_grad_norm,
+    }
+    for key, value in expected.items():
+        _reconcile(ds_config, key, value)
+    for section, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        ds_config.setdefault(section, {})
+        _reconcile(ds_config[section], "enabled", enabled, where=f"{section}.enabled")
+
+
+def _reconcile(section: dict, key: str, value, where: str | None = None) -> None:
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ConfigError(
+            f'DeepSpeed config sets {where or key}={current!r} but the run config implies {value!r}; '
+            'set it to "auto" so the run config decides'
+        )

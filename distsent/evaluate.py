@@ -1,0 +1,69 @@
+"""Exact evaluation across ranks: every example counted once, whatever the world size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from distsent.batching import PadCollator, eval_shard
+from distsent.metrics import classification_metrics
+from distsent.modeling import classification_loss, probabilities
+
+
+@dataclass
+class Predictions:
+    """Per-example results in dataset order (on every rank)."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    losses: np.ndarray
+
+
+def _length_sorted_batches(indices: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
+    # Longest first so each batch pads little; padding slots (-1) stay at the end.
+    real = sorted((i for i in indices if i >= 0), key=lambda i: -lengths[i])
+    ordered = real + [i for i in indices if i < 0]
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset, accelerator, batch_size: int, pad_token_id: int) -> Predictions:
+    """Run every rank over its shard of `dataset`, gather, de-duplicate and check the count.
+
+    All ranks run the same number of forward passes (shards are padded to equal size),
+    which ZeRO-3 requires: each forward gathers parameters collectively."""
+    shard = eval_shard(len(dataset), accelerator.num_processes, accelerator.process_index)
+    batches = _length_sorted_batches(shard, dataset["length"], batch_size)
+    # Padding slots evaluate example 0 and are dropped after the gather by their -1 index.
+    loader = DataLoader(dataset, batch_sampler=[[max(i, 0) for i in b] for b in batches], collate_fn=PadCollator(pad_token_id))
+    was_training = model.training
+    model.eval()
+    indices, probs, labels, losses = [], [], [], []
+    for batch_indices, batch in zip(batches, loader):
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        indices.append(torch.as_tensor(batch_indices, device=accelerator.device))
+        probs.append(probabilities(logits))
+        labels.append(batch["labels"])
+        losses.append(classification_loss(logits, batch["labels"], reduction="none"))
+    model.train(was_training)
+
+    gathered = [accelerator.gather(torch.cat(part)).cpu() for part in (indices, probs, labels, losses)]
+    index, prob, label, loss = gathered
+    keep = index >= 0
+    index, prob, label, loss = index[keep], prob[keep], label[keep], loss[keep]
+    order = torch.argsort(index)
+    counted = torch.unique(index).numel()
+    if counted != len(dataset) or index.numel() != len(dataset):
+        raise RuntimeError(f"evaluation gathered {index.numel()} predictions ({counted} unique) for {len(dataset)} examples")
+    return Predictions(prob[order].numpy(), label[order].numpy(), loss[order].numpy())
+
+
+def evaluate(model, dataset, accelerator, batch_size: int, pad_token_id: int, label_names: list[str]) -> tuple[dict, Predictions]:
+    """Validation metrics (identical on every rank) and the per-example predictions."""
+    predictions = predict_dataset(model, dataset, accelerator, batch_size, pad_token_id)
+    metrics = classification_metrics(predictions.labels, predictions.probs, label_names, loss=float(predictions.losses.mean()))
+    return metrics, predictions

@@ -1,0 +1,58 @@
+"""Classification metrics from per-example predictions (scikit-learn does the arithmetic)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+# Metrics where lower is better; everything else is maximised when picking the best model.
+LOWER_IS_BETTER = ("loss",)
+
+
+def is_improvement(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, label_names: list[str], loss: float | None = None
+) -> dict:
+    """Accuracy, F1 (binary/macro/weighted), per-class scores, confusion matrix, ROC AUC (binary).
+
+    `probs` is (N, num_labels); predictions are its argmax."""
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    preds = probs.argmax(axis=1)
+    ids = list(range(len(label_names)))
+    metrics: dict = {"num_examples": int(len(labels))}
+    if loss is not None:
+        metrics["loss"] = float(loss)
+    metrics["accuracy"] = float(accuracy_score(labels, preds))
+    metrics["f1_macro"] = float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0))
+    metrics["f1_weighted"] = float(f1_score(labels, preds, labels=ids, average="weighted", zero_division=0))
+    if len(label_names) == 2:
+        metrics["f1"] = float(f1_score(labels, preds, pos_label=1, zero_division=0))
+        if len(np.unique(labels)) == 2:
+            metrics["roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
+    matrix = confusion_matrix(labels, preds, labels=ids)
+    metrics["per_class"] = {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            # Per-class accuracy is the share of this class's examples predicted correctly.
+            "accuracy": float(matrix[i, i] / support[i]) if support[i] else 0.0,
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(label_names)
+    }
+    metrics["confusion_matrix"] = matrix.tolist()
+    return metrics

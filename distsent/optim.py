@@ -1,0 +1,44 @@
+"""Optimizer and learning-rate schedule."""
+
+from __future__ import annotations
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from distsent.config import TrainConfig
+
+# Parameter-name fragments exempt from weight decay: biases and LayerNorm weights
+# (decaying them only shrinks normalisation gains and offsets toward zero).
+NO_DECAY_FRAGMENTS = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if any(f in name for f in NO_DECAY_FRAGMENTS) else decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, total_steps)
+    return int(cfg.warmup_ratio * total_steps)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, fused: bool = False):
+    """AdamW with linear warmup then linear decay to 0; `fused` uses the one-kernel CUDA update."""
+    groups = parameter_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        fused=fused or None,
+    )
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
+    return optimizer, scheduler

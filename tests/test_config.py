@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from distsent.config import Config, ConfigError, load_config, parse_override
+from tests.conftest import REPO, run_cli
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert cfg.model.name == "all-MiniLM-L6-v2"
+    assert cfg.data.dataset == "embedded:rotten_tomatoes"
+    assert cfg.train.global_batch_size(world_size=4) == cfg.train.batch_size * 4 * cfg.train.grad_accum_steps
+
+
+def test_yaml_then_overrides_win(tmp_path: Path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 0.001\n  epochs: 2\nmodel:\n  freeze: [embeddings.]\n")
+    cfg = load_config(path, ["train.lr=3e-5", "data.max_train_samples=100"])
+    assert cfg.train.lr == pytest.approx(3e-5)
+    assert cfg.train.epochs == 2.0
+    assert cfg.model.freeze == ["embeddings."]
+    assert cfg.data.max_train_samples == 100
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lerning_rate=1", "train.lerning_rate"),
+        ("train.lr=-1", "train.lr"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio must be in [0.0, 1.0], got 1.5"),
+        ("train.batch_size=8.5", "train.batch_size must be an integer"),
+        ("train.mixed_precision=fp8", "train.mixed_precision must be one of"),
+        ("model.head=pooler", "model.head"),
+        ("nosection.key=1", "nosection"),
+        ("train=3", "train is a section"),
+        ("train.length_grouping=maybe", "train.length_grouping must be true or false"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, fragment: str):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert fragment in str(error.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.lr must be a number"):
+        load_config(path)
+
+
+def test_parse_override_types():
+    assert parse_override("train.lr=3e-5") == (["train", "lr"], 3e-5)
+    assert parse_override("train.max_steps=20") == (["train", "max_steps"], 20)
+    assert parse_override("model.freeze=[a, b]") == (["model", "freeze"], ["a", "b"])
+    assert parse_override("output_dir=runs/x.y") == (["output_dir"], "runs/x.y")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("override", ["train.lerning_rate=1", "train.lr=-1"])
+def test_cli_refuses_bad_config_before_work(override: str, tmp_path: Path):
+    result = run_cli("train", override, f"output_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode != 0
+    assert override.split("=")[0] in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing may be written for a refused config"

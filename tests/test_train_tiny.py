@@ -1,0 +1,81 @@
+"""End to end on tiny-bert: train, export, reload through transformers, predict."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from tests.conftest import TINY, read_summary, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_cli("train", *TINY, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}")
+    return out
+
+
+def test_summary_has_the_contract_keys(tiny_run: Path):
+    summary = read_summary(tiny_run)
+    assert summary["global_step"] == 20
+    assert summary["world_size"] == 1
+    assert summary["global_batch_size"] == 8
+    assert summary["train_seconds"] > 0
+    assert summary["train_tokens_per_second"] > 0
+    assert summary["eval"]["num_examples"] == 101
+    assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    assert summary["best_metric"]["name"] == "accuracy"
+    assert (tiny_run / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("which", ["best", "final"])
+def test_export_loads_in_transformers(tiny_run: Path, which: str):
+    export = tiny_run / which
+    files = {p.name for p in export.iterdir()}
+    assert "model.safetensors" in files and "config.json" in files and "distsent_config.yaml" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files), files
+    model = AutoModelForSequenceClassification.from_pretrained(export)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.config.label2id == {"negative": 0, "positive": 1}
+    AutoTokenizer.from_pretrained(export)
+    classify = pipeline("text-classification", model=str(export))
+    assert classify("a fine film")[0]["label"] in {"negative", "positive"}
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert metrics["num_examples"] == 101
+
+
+def test_final_export_holds_the_trained_weights(tiny_run: Path):
+    # The tiny model is randomly initialised from the seed; training must have moved it.
+    from distsent.modeling import build_model, build_tokenizer
+    from distsent.config import load_config
+
+    torch.manual_seed(42)
+    cfg = load_config(None, ["model.name=tiny-bert"])
+    initial = build_model(cfg.model, ["negative", "positive"], len(build_tokenizer(cfg.model))).state_dict()
+    trained = load_file(tiny_run / "final" / "model.safetensors")
+    moved = [name for name, tensor in trained.items() if not torch.equal(tensor, initial[name])]
+    assert len(moved) > len(trained) // 2
+
+
+def test_predict_prints_one_json_per_text(tiny_run: Path):
+    result = run_cli("predict", "--model", str(tiny_run / "final"), "what a great film", "dull and long")
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["what a great film", "dull and long"]
+    for row in rows:
+        assert row["label"] in {"negative", "positive"}
+        assert 0.5 <= row["score"] <= 1.0
+    # The printed label and score are the transformers model's own argmax and probability.
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_run / "final").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run / "final")
+    with torch.no_grad():
+        probs = model(**tokenizer("what a great film", return_tensors="pt")).logits.softmax(-1)[0]
+    assert rows[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
+    assert rows[0]["label"] == model.config.id2label[int(probs.argmax())]
+
+
+def test_tiny_bert_is_small(tiny_run: Path):
+    size_mb = (tiny_run / "final" / "model.safetensors").stat().st_size / 2**20
+    assert size_mb < 5
