@@ -99,7 +99,7 @@ def train(cfg: Config) -> dict:
         window_micro_batches = 0
         window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
         total_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        window_start = time.perf_counter()
+        window_train_seconds = 0.0
         grad_norm = None
         epoch = 0
         model.train()
@@ -136,7 +136,8 @@ def train(cfg: Config) -> dict:
                     # The logged loss is the mean over every rank's micro-batches, not rank 0's.
                     loss_mean = accelerator.reduce(window_loss, "sum").item() / (window_micro_batches * world_size)
                     tokens_sum = accelerator.reduce(window_tokens, "sum").item()
-                    elapsed = time.perf_counter() - window_start
+                    # Throughput counts training time only, not evaluation or export.
+                    elapsed = train_seconds - window_train_seconds
                     values = {
                         "loss": loss_mean,
                         "lr": scheduler.get_last_lr()[0],
@@ -150,7 +151,7 @@ def train(cfg: Config) -> dict:
                     window_loss.zero_()
                     window_tokens.zero_()
                     window_micro_batches = 0
-                    window_start = time.perf_counter()
+                    window_train_seconds = train_seconds
 
                 epoch_done = global_step % plan.steps_per_epoch == 0
                 should_eval = (
@@ -164,7 +165,6 @@ def train(cfg: Config) -> dict:
                     if is_improvement(cfg.train.best_metric, value, best_value):
                         best_value, best_step = value, global_step
                         export_model(accelerator, model, tokenizer, cfg, {"step": global_step, **last_metrics}, output_dir / "best")
-                    window_start = time.perf_counter()
                 if global_step >= total_steps:
                     break
                 step_start = time.perf_counter()
