@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from distsent.checkpoint import CheckpointError
 from distsent.config import ConfigError
 
 EXIT_USAGE = 2
@@ -21,9 +22,14 @@ def _train(args: argparse.Namespace) -> int:
     if overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
     cfg = load_config(config_path, overrides)
+    from distsent.preemption import Preempted
     from distsent.train import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Preempted as stop:
+        logging.getLogger("distsent").warning("%s; exiting with %d so the job can be requeued", stop, stop.exit_code)
+        return stop.exit_code
     return 0
 
 
@@ -71,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except ConfigError as error:
         print(f"distsent: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as error:
+        print(f"distsent: checkpoint error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
 

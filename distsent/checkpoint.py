@@ -53,3 +53,153 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
     del state_dict
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# Resumable full-state checkpoints
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "training_state.json"
+COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_FORMAT = "distsent-checkpoint-v1"
+STEP_PREFIX = "step-"
+PARTIAL_PREFIX = ".partial-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message says which and why."""
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS_DIR
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix(STEP_PREFIX))
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Checkpoints whose writing finished (they hold the marker), oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        path
+        for path in root.iterdir()
+        if path.name.startswith(STEP_PREFIX) and path.name[len(STEP_PREFIX) :].isdigit() and (path / COMPLETE_MARKER).is_file()
+    ]
+    return sorted(found, key=_step_of)
+
+
+def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
+    """Delete folders left by a write that was killed; returns what was removed."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    partial = [path for path in root.iterdir() if path.name.startswith(PARTIAL_PREFIX)]
+    partial += [path for path in root.iterdir() if path.name.startswith(STEP_PREFIX) and not (path / COMPLETE_MARKER).is_file()]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def save_checkpoint(
+    accelerator, output_dir: Path, step: int, payload: dict, keep_last: int, protected_steps: set[int]
+) -> Path:
+    """Write model, optimizer, grad scaler and every rank's RNG state (accelerate's
+    `save_state`, safetensors for weights) plus `payload` as JSON. Collective.
+
+    Atomic: everything goes into a hidden `.partial-step-N` folder, the marker is written
+    last, and only then is the folder renamed to `step-N`. A kill at any moment leaves
+    the previous checkpoints untouched and at most a partial folder that resume ignores."""
+    root = checkpoint_root(output_dir)
+    target = root / f"{STEP_PREFIX}{step:08d}"
+    staging = root / f"{PARTIAL_PREFIX}{STEP_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / STATE_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **payload}, indent=2))
+        (staging / COMPLETE_MARKER).write_text(f"{step}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        _prune(output_dir, keep_last, protected_steps | {step})
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _prune(output_dir: Path, keep_last: int, protected_steps: set[int]) -> None:
+    checkpoints = complete_checkpoints(output_dir)
+    for path in checkpoints[:-keep_last]:
+        if _step_of(path) not in protected_steps:
+            shutil.rmtree(path)
+
+
+def resolve_resume(mode: str, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `none`, `auto` (newest complete, if any) or a path."""
+    if mode == "none":
+        return None
+    if mode == "auto":
+        checkpoints = complete_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(mode)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume={mode}: no such checkpoint folder")
+    if not (path / COMPLETE_MARKER).is_file():
+        raise CheckpointError(f"train.resume={mode}: incomplete checkpoint (no {COMPLETE_MARKER} marker); its write was interrupted")
+    return path
+
+
+def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
+    """Read and check a checkpoint's JSON payload before any tensor is loaded."""
+    try:
+        payload = json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({error}); not a distsent checkpoint or corrupt") from error
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+    saved = payload.get("fingerprint", {})
+    differing = {key: (saved.get(key), value) for key, value in fingerprint.items() if saved.get(key) != value}
+    if differing:
+        details = ", ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differing.items())
+        raise CheckpointError(f"{path}: written by a different run ({details}); use another output_dir or train.resume=none")
+    return payload
+
+
+def verify_no_arbitrary_pickles(path: Path) -> None:
+    """Refuse a checkpoint whose torch files hold anything but tensors and plain containers.
+
+    accelerate loads its own files with weights_only=True; DeepSpeed's engine loads its
+    files with full unpickling, so each is first opened here with the restricted loader."""
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+    for file in sorted(path.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals([*TORCH_SAFE_GLOBALS, *_deepspeed_safe_globals()]):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:  # UnpicklingError and friends; the message says what was refused
+            raise CheckpointError(f"{file}: refused, it holds objects beyond tensors and plain data ({error})") from error
+
+
+def _deepspeed_safe_globals() -> list:
+    """Plain-data classes DeepSpeed pickles into its checkpoints (enums and loss-scaler state)."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_checkpoint(accelerator, path: Path) -> None:
+    """Restore model, optimizer, grad scaler and this rank's RNG state from `path`. Collective."""
+    verify_no_arbitrary_pickles(path)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as error:
+        raise CheckpointError(f"{path}: could not be loaded ({type(error).__name__}: {error})") from error

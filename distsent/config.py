@@ -165,6 +165,8 @@ class TrainConfig:
     """Validation metric that picks the `best` export (e.g. accuracy, f1_macro, f1_weighted, loss)."""
     threads: int | None = None
     """CPU threads per process for torch; None lets torch decide."""
+    resume: str | None = None
+    """`auto` (newest complete checkpoint, or start fresh), `none`, or a checkpoint folder; unset means auto under Slurm, none elsewhere."""
 
     def validate(self) -> None:
         _check_range("train.epochs", self.epochs, 0.0, None, exclusive_low=True)
@@ -197,12 +199,20 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int | None = None
     """Write a resumable full-state checkpoint every N optimizer steps (epoch ends always write one)."""
+    at_epoch_end: bool = True
+    """Also write a resumable checkpoint at the end of every epoch."""
     keep_last: int = 2
-    """Resumable checkpoints kept under <output_dir>/checkpoints/ (older ones are deleted)."""
+    """Resumable checkpoints kept under <output_dir>/checkpoints/ (older ones are deleted, the best one never)."""
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGTERM"])
+    """Signals that mean "preempted": checkpoint on every rank at the next step boundary, then exit 75."""
 
     def validate(self) -> None:
         _check_range("checkpoint.every_steps", self.every_steps, 1, None, allow_none=True)
         _check_range("checkpoint.keep_last", self.keep_last, 1, None)
+        allowed = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
+        for name in self.signals:
+            if name not in allowed:
+                raise ConfigError(f"checkpoint.signals: {name!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass

@@ -8,6 +8,7 @@ accelerator (`DS_ACCELERATOR=cpu`) plus an explicit gloo process group.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ def read_launch_info() -> LaunchInfo:
         use_deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true",
         has_cuda=torch.cuda.is_available(),
     )
+
+
+def default_resume_mode() -> str:
+    """`auto` inside a Slurm job (a requeued job must pick up where it stopped), else `none`."""
+    return "auto" if os.environ.get("SLURM_JOB_ID") else "none"
 
 
 def prepare_environment() -> LaunchInfo:
@@ -106,6 +112,28 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
     if accelerator.state.deepspeed_plugin is not None:
         reconcile_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, info.world_size, precision)
     return accelerator
+
+
+@contextlib.contextmanager
+def model_construction_context(accelerator):
+    """Build models whole on every rank, even under ZeRO-3.
+
+    With a ZeRO-3 config registered, transformers constructs models inside
+    `deepspeed.zero.Init`, which draws the random initialisation per partition: a fresh
+    head (or tiny-bert) would start from different weights than a single-process run with
+    the same seed. BERT-style encoders fit in host memory many times over, so we hide the
+    config while building and let prepare() partition the finished model."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def reconcile_deepspeed_config(ds_config: dict, cfg: Config, world_size: int, precision: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from distsent.batching import PadCollator, eval_shard
 from distsent.metrics import classification_metrics
 from distsent.modeling import classification_loss, probabilities
+from distsent.preemption import Preempted
 
 
 @dataclass
@@ -30,11 +32,14 @@ def _length_sorted_batches(indices: list[int], lengths: list[int], batch_size: i
 
 
 @torch.no_grad()
-def predict_dataset(model, dataset, accelerator, batch_size: int, pad_token_id: int) -> Predictions:
+def predict_dataset(
+    model, dataset, accelerator, batch_size: int, pad_token_id: int, should_stop: Callable[[], bool] | None = None
+) -> Predictions:
     """Run every rank over its shard of `dataset`, gather, de-duplicate and check the count.
 
     All ranks run the same number of forward passes (shards are padded to equal size),
-    which ZeRO-3 requires: each forward gathers parameters collectively."""
+    which ZeRO-3 requires: each forward gathers parameters collectively. `should_stop` is
+    asked (collectively) before each batch; when it says stop, Preempted is raised."""
     shard = eval_shard(len(dataset), accelerator.num_processes, accelerator.process_index)
     batches = _length_sorted_batches(shard, dataset["length"], batch_size)
     # Padding slots evaluate example 0 and are dropped after the gather by their -1 index.
@@ -43,6 +48,8 @@ def predict_dataset(model, dataset, accelerator, batch_size: int, pad_token_id: 
     model.eval()
     indices, probs, labels, losses = [], [], [], []
     for batch_indices, batch in zip(batches, loader):
+        if should_stop is not None and should_stop():
+            raise Preempted("stopped during evaluation")
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         indices.append(torch.as_tensor(batch_indices, device=accelerator.device))
@@ -62,8 +69,16 @@ def predict_dataset(model, dataset, accelerator, batch_size: int, pad_token_id: 
     return Predictions(prob[order].numpy(), label[order].numpy(), loss[order].numpy())
 
 
-def evaluate(model, dataset, accelerator, batch_size: int, pad_token_id: int, label_names: list[str]) -> tuple[dict, Predictions]:
+def evaluate(
+    model,
+    dataset,
+    accelerator,
+    batch_size: int,
+    pad_token_id: int,
+    label_names: list[str],
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict, Predictions]:
     """Validation metrics (identical on every rank) and the per-example predictions."""
-    predictions = predict_dataset(model, dataset, accelerator, batch_size, pad_token_id)
+    predictions = predict_dataset(model, dataset, accelerator, batch_size, pad_token_id, should_stop)
     metrics = classification_metrics(predictions.labels, predictions.probs, label_names, loss=float(predictions.losses.mean()))
     return metrics, predictions

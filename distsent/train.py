@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,29 +15,77 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from distsent.batching import PadCollator, TrainBatchPlan
-from distsent.checkpoint import export_model
+from distsent.checkpoint import (
+    export_model,
+    load_checkpoint,
+    read_checkpoint_payload,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 from distsent.config import Config, save_config
 from distsent.data import load_labeled_splits, tokenize
-from distsent.distributed import build_accelerator, read_launch_info
+from distsent.distributed import build_accelerator, default_resume_mode, model_construction_context, read_launch_info
 from distsent.evaluate import evaluate
 from distsent.metrics import is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
+from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.tracking import RunLogger
 
 log = logging.getLogger("distsent")
 
 
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    global_step: int = 0
+    best_value: float | None = None
+    best_step: int = 0
+    last_metrics: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    # The logging window in progress, summed over all ranks, so a resumed run logs the same losses.
+    window_loss_sum: float = 0.0
+    window_micro_batches: int = 0
+    window_tokens: int = 0
+    window_train_seconds: float = 0.0
+    eval_pending: bool = False
+    """A validation at `global_step` was interrupted by preemption and is redone on resume."""
+    wandb_run_id: str | None = None
+
+
+def run_fingerprint(cfg: Config, world_size: int) -> dict:
+    """What must match for a checkpoint to continue this run exactly."""
+    return {
+        "model.name": cfg.model.name,
+        "model.head": cfg.model.head,
+        "model.single_logit": cfg.model.single_logit,
+        "data.dataset": cfg.data.dataset,
+        "data.train_file": cfg.data.train_file,
+        "train.seed": cfg.train.seed,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "world_size": world_size,
+    }
+
+
 def train(cfg: Config) -> dict:
-    """Fine-tune as configured; returns the summary also written to <output_dir>/summary.json."""
+    """Fine-tune as configured; returns the summary also written to <output_dir>/summary.json.
+
+    Raises Preempted (exit code 75) after checkpointing when a preemption signal arrives."""
     info = read_launch_info()
     accelerator = build_accelerator(cfg, info)
+    watcher = PreemptionWatcher(cfg.checkpoint.signals)
     run_logger = None
     try:
         output_dir = Path(cfg.output_dir)
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, output_dir / "config.yaml")
+            for partial in remove_partial_checkpoints(output_dir):
+                log.warning("removed %s, left by an interrupted checkpoint write", partial)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         set_seed(cfg.train.seed)
@@ -58,16 +108,27 @@ def train(cfg: Config) -> dict:
             seed=cfg.train.seed,
             length_grouping=cfg.train.length_grouping,
         )
-        total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * plan.steps_per_epoch)
+        steps_per_epoch = plan.steps_per_epoch
+        total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
-        model = build_model(cfg.model, label_names, len(tokenizer))
+        with model_construction_context(accelerator):
+            model = build_model(cfg.model, label_names, len(tokenizer))
         trainable, frozen = parameter_counts(model)
         optimizer, scheduler = build_optimizer(cfg.train, model, total_steps, fused=accelerator.device.type == "cuda")
         # The scheduler is not prepared: accelerate would step it once per process.
         model, optimizer = accelerator.prepare(model, optimizer)
         collator = PadCollator(tokenizer.pad_token_id)
 
-        run_logger = RunLogger(output_dir, accelerator.is_main_process, total_steps)
+        state = TrainState()
+        fingerprint = run_fingerprint(cfg, world_size)
+        resume_from = resolve_resume(cfg.train.resume or default_resume_mode(), output_dir)
+        if resume_from is not None:
+            payload = read_checkpoint_payload(resume_from, fingerprint)
+            load_checkpoint(accelerator, resume_from)
+            scheduler.load_state_dict(payload["scheduler"])
+            state = TrainState(**payload["state"])
+
+        run_logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, initial_step=state.global_step)
         run_logger.banner(
             {
                 "model": f"{cfg.model.name} ({trainable:,} trainable, {frozen:,} frozen parameters)",
@@ -79,32 +140,66 @@ def train(cfg: Config) -> dict:
                     f"{plan.global_batch_size} = {cfg.train.batch_size} per process x {world_size} processes "
                     f"x {cfg.train.grad_accum_steps} accumulation"
                 ),
-                "schedule": f"{total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), peak lr {cfg.train.lr}",
+                "schedule": f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), peak lr {cfg.train.lr}",
+                "resumed from": f"{resume_from} (step {state.global_step})" if resume_from else "-",
                 "output": str(output_dir),
             }
         )
 
-        def run_eval(step: int, epoch: float) -> dict:
-            metrics, _ = evaluate(model, eval_set, accelerator, cfg.train.eval_batch_size, tokenizer.pad_token_id, label_names)
-            run_logger.log_eval(step, epoch, metrics)
-            return metrics
+        def checkpoint() -> None:
+            payload = {
+                "fingerprint": fingerprint,
+                "state": dataclasses.asdict(state),
+                "scheduler": scheduler.state_dict(),
+            }
+            save_checkpoint(
+                accelerator, output_dir, state.global_step, payload, cfg.checkpoint.keep_last, {state.best_step}
+            )
 
-        global_step = 0
-        best_value: float | None = None
-        best_step = 0
-        last_metrics: dict = {}
-        train_seconds = 0.0
+        def validate_and_export_best() -> None:
+            """Validate; on preemption mid-way, checkpoint with the validation marked pending."""
+            state.eval_pending = True
+            try:
+                metrics, _ = evaluate(
+                    model,
+                    eval_set,
+                    accelerator,
+                    cfg.train.eval_batch_size,
+                    tokenizer.pad_token_id,
+                    label_names,
+                    should_stop=lambda: watcher.should_stop(accelerator),
+                )
+            except Preempted:
+                checkpoint()
+                raise
+            state.eval_pending = False
+            state.last_metrics = metrics
+            run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, metrics)
+            value = metrics[cfg.train.best_metric]
+            if is_improvement(cfg.train.best_metric, value, state.best_value):
+                state.best_value, state.best_step = value, state.global_step
+                export_model(accelerator, model, tokenizer, cfg, {"step": state.global_step, **metrics}, output_dir / "best")
+
+        if state.eval_pending:
+            validate_and_export_best()
+
         # Running sums stay on the device; reading them (.item()) is a host-device sync.
-        window_loss = torch.zeros((), device=accelerator.device)
-        window_micro_batches = 0
-        window_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        total_tokens = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        window_train_seconds = 0.0
+        # Rank 0 carries the restored window (a sum over all ranks) so the next reduce is exact.
+        carried = accelerator.is_main_process
+        window_loss = torch.tensor(state.window_loss_sum if carried else 0.0, device=accelerator.device)
+        window_tokens = torch.tensor(state.window_tokens if carried else 0, device=accelerator.device)
         grad_norm = None
-        epoch = 0
         model.train()
-        while global_step < total_steps:
-            loader = DataLoader(train_set, batch_sampler=list(plan.micro_batches(epoch)), collate_fn=collator)
+        while state.global_step < total_steps:
+            epoch, step_in_epoch = divmod(state.global_step, steps_per_epoch)
+            loader = DataLoader(
+                train_set,
+                batch_sampler=list(plan.micro_batches(epoch, start_step=step_in_epoch)),
+                collate_fn=collator,
+                # Its own generator: otherwise each new loader draws from the global RNG and a
+                # resumed run's dropout masks would differ from an uninterrupted run's.
+                generator=torch.Generator(),
+            )
             step_start = time.perf_counter()
             for batch in loader:
                 batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
@@ -118,79 +213,84 @@ def train(cfg: Config) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
-                window_micro_batches += 1
-                tokens = batch["attention_mask"].sum()
-                window_tokens += tokens
-                total_tokens += tokens
+                window_tokens += batch["attention_mask"].sum()
+                state.window_micro_batches += 1
                 if not accelerator.sync_gradients:
                     continue
 
                 if not accelerator.optimizer_step_was_skipped:
                     scheduler.step()
-                global_step += 1
-                train_seconds += time.perf_counter() - step_start
+                state.global_step += 1
+                state.train_seconds += time.perf_counter() - step_start
                 run_logger.advance(1)
-                fractional_epoch = epoch + (global_step - epoch * plan.steps_per_epoch) / plan.steps_per_epoch
+                epoch_done = state.global_step % steps_per_epoch == 0
 
-                if global_step % cfg.train.log_every_steps == 0 or global_step == total_steps:
+                if state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps:
                     # The logged loss is the mean over every rank's micro-batches, not rank 0's.
-                    loss_mean = accelerator.reduce(window_loss, "sum").item() / (window_micro_batches * world_size)
-                    tokens_sum = accelerator.reduce(window_tokens, "sum").item()
-                    # Throughput counts training time only, not evaluation or export.
-                    elapsed = train_seconds - window_train_seconds
+                    loss_sum = accelerator.reduce(window_loss, "sum").item()
+                    tokens_sum = int(accelerator.reduce(window_tokens, "sum").item())
+                    # Throughput counts training time only, not evaluation or checkpointing.
+                    elapsed = state.train_seconds - state.window_train_seconds
                     values = {
-                        "loss": loss_mean,
+                        "loss": loss_sum / (state.window_micro_batches * world_size),
                         "lr": scheduler.get_last_lr()[0],
-                        "epoch": round(fractional_epoch, 4),
+                        "epoch": round(state.global_step / steps_per_epoch, 4),
                         "tokens_per_second": tokens_sum / elapsed,
                     }
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
-                    run_logger.log_train(global_step, values)
-                    run_logger.advance(0, loss=loss_mean, lr=values["lr"])
+                    run_logger.log_train(state.global_step, values)
+                    run_logger.advance(0, loss=values["loss"], lr=values["lr"])
+                    state.train_tokens += tokens_sum
                     window_loss.zero_()
                     window_tokens.zero_()
-                    window_micro_batches = 0
-                    window_train_seconds = train_seconds
+                    state.window_micro_batches = 0
+                    state.window_train_seconds = state.train_seconds
 
-                epoch_done = global_step % plan.steps_per_epoch == 0
                 should_eval = (
-                    (cfg.train.eval_every_steps and global_step % cfg.train.eval_every_steps == 0)
+                    (cfg.train.eval_every_steps and state.global_step % cfg.train.eval_every_steps == 0)
                     or (cfg.train.eval_every_epoch and epoch_done)
-                    or global_step == total_steps
+                    or state.global_step == total_steps
                 )
                 if should_eval:
-                    last_metrics = run_eval(global_step, fractional_epoch)
-                    value = last_metrics[cfg.train.best_metric]
-                    if is_improvement(cfg.train.best_metric, value, best_value):
-                        best_value, best_step = value, global_step
-                        export_model(accelerator, model, tokenizer, cfg, {"step": global_step, **last_metrics}, output_dir / "best")
-                if global_step >= total_steps:
+                    validate_and_export_best()
+
+                should_checkpoint = (
+                    (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
+                    or (cfg.checkpoint.at_epoch_end and epoch_done)
+                ) and state.global_step < total_steps
+                preempted = watcher.should_stop(accelerator)
+                if should_checkpoint or preempted:
+                    state.window_loss_sum = accelerator.reduce(window_loss, "sum").item()
+                    state.window_tokens = int(accelerator.reduce(window_tokens, "sum").item())
+                    checkpoint()
+                if preempted:
+                    raise Preempted(f"stopped at step {state.global_step} on {watcher.received}; checkpoint written")
+                if state.global_step >= total_steps or epoch_done:
                     break
                 step_start = time.perf_counter()
-            epoch += 1
 
-        export_model(accelerator, model, tokenizer, cfg, {"step": global_step, **last_metrics}, output_dir / "final")
-        total_tokens_all = accelerator.reduce(total_tokens, "sum").item()
+        export_model(accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final")
         summary = {
-            "global_step": global_step,
-            "epochs_completed": round(global_step / plan.steps_per_epoch, 4),
+            "global_step": state.global_step,
+            "epochs_completed": round(state.global_step / steps_per_epoch, 4),
             "world_size": world_size,
             "micro_batch_size": cfg.train.batch_size,
             "grad_accum_steps": cfg.train.grad_accum_steps,
             "global_batch_size": plan.global_batch_size,
             "mixed_precision": accelerator.mixed_precision,
             "distributed_type": accelerator.distributed_type.value,
-            "train_seconds": round(train_seconds, 3),
-            "train_tokens": int(total_tokens_all),
-            "train_tokens_per_second": total_tokens_all / train_seconds,
-            "train_examples_per_second": global_step * plan.global_batch_size / train_seconds,
-            "best_metric": {"name": cfg.train.best_metric, "value": best_value, "step": best_step},
-            "eval": last_metrics,
+            "train_seconds": round(state.train_seconds, 3),
+            "train_tokens": state.train_tokens,
+            "train_tokens_per_second": state.train_tokens / state.train_seconds,
+            "train_examples_per_second": state.global_step * plan.global_batch_size / state.train_seconds,
+            "best_metric": {"name": cfg.train.best_metric, "value": state.best_value, "step": state.best_step},
+            "eval": state.last_metrics,
         }
         if accelerator.is_main_process:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         run_logger.finish(summary)
         return summary
     finally:
+        watcher.restore()
         accelerator.end_training()

@@ -47,3 +47,30 @@ def run_cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
 
 def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
+
+
+def launch(config_file: str, num_processes: int, *args: str, extra_launch: tuple[str, ...] = (), check: bool = True, timeout: int = 600):
+    """`accelerate launch --config_file launch/accelerate/X.yaml --num_processes N -m distsent ARGS`."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "launch" / "accelerate" / config_file),
+        "--num_processes", str(num_processes),
+        *extra_launch,
+        "-m", "distsent", *args,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def load_weights(export_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(export_dir / "model.safetensors")
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    wa, wb = load_weights(a), load_weights(b)
+    assert set(wa) == set(wb), f"different tensors in {a} and {b}"
+    return max(float((wa[name].float() - wb[name].float()).abs().max()) for name in wa)

@@ -1,0 +1,58 @@
+"""Preemption: turn SIGUSR1/SIGTERM into a flag every rank agrees on at a step boundary.
+
+A signal handler only sets a flag; the loop asks `should_stop()` at optimizer-step
+boundaries (and between evaluation batches). The flag is all-reduced, so if any rank was
+signalled, every rank stops at the same step, writes its part of one checkpoint and exits
+with EXIT_PREEMPTED. Slurm scripts requeue the job on that code.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+
+log = logging.getLogger("distsent")
+
+# EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run means.
+EXIT_PREEMPTED = 75
+
+
+class Preempted(Exception):
+    """Raised inside the loop once all ranks agreed to stop; carries the exit code."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class PreemptionWatcher:
+    """Installs handlers for `signal_names` and answers, collectively, whether to stop."""
+
+    def __init__(self, signal_names: list[str]) -> None:
+        self.requested = False
+        self.received: str | None = None
+        self._previous = {}
+        for name in signal_names:
+            number = getattr(signal, name)
+            self._previous[number] = signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number: int, frame) -> None:
+        # Only set a flag: a handler runs between bytecodes, possibly mid-collective.
+        self.requested = True
+        self.received = signal.Signals(number).name
+
+    def should_stop(self, accelerator) -> bool:
+        """True on every rank if any rank was signalled. Collective: all ranks must call it."""
+        flag = torch.tensor(1.0 if self.requested else 0.0, device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "sum")
+        # .item() is a host-device sync; once per optimizer step is cheap next to the step.
+        stop = flag.item() > 0
+        if stop and not self.requested:
+            self.received = "peer rank"
+        self.requested = self.requested or stop
+        return stop
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)

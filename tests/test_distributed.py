@@ -1,0 +1,157 @@
+"""Real multi-process runs on CPU (gloo, DeepSpeed's CPU accelerator) through `accelerate launch`.
+
+N processes must compute what one process with the same global batch computes, count
+every validation example exactly once, and export whole weights under every ZeRO stage."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from distsent.config import load_config
+from distsent.data import load_labeled_splits
+from tests.conftest import REPO, TINY, cli_env, launch, max_weight_difference, read_summary, run_cli
+
+pytestmark = pytest.mark.slow
+
+# fp32, dropout off, 20 optimizer steps of a global batch of 16; 101 validation examples
+# (not divisible by processes x batch) so de-duplication of padded shards is exercised.
+EQUIVALENCE = [*TINY, "model.dropout=0.0", "train.max_steps=20"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist")
+    out = {name: root / name for name in ("single", "ddp", "zero2", "zero3")}
+    run_cli("train", *EQUIVALENCE, "train.grad_accum_steps=2", f"output_dir={out['single']}")
+    launch("ddp.yaml", 2, "train", *EQUIVALENCE, f"output_dir={out['ddp']}")
+    launch("zero2.yaml", 2, "train", *EQUIVALENCE, f"output_dir={out['zero2']}")
+    launch("zero3.yaml", 2, "train", *EQUIVALENCE, f"output_dir={out['zero3']}")
+    return out
+
+
+def test_world_size_and_batch_arithmetic(runs):
+    assert read_summary(runs["single"])["world_size"] == 1
+    for name in ("ddp", "zero2", "zero3"):
+        summary = read_summary(runs[name])
+        assert summary["world_size"] == 2, name
+        assert summary["global_batch_size"] == 16 == read_summary(runs["single"])["global_batch_size"]
+    assert read_summary(runs["zero2"])["distributed_type"] == "DEEPSPEED"
+    assert read_summary(runs["ddp"])["distributed_type"] == "MULTI_CPU"
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_n_processes_equal_one_process(runs, name):
+    assert max_weight_difference(runs["single"] / "final", runs[name] / "final") <= ATOL
+
+
+def test_training_moved_the_weights(runs):
+    # Guards the equivalence checks against comparing two untrained models.
+    first = read_summary(runs["single"])
+    assert first["global_step"] == 20
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (runs["single"] / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert len(losses) == 4 and losses[0] != losses[-1]
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_validation_counts_every_example_once(runs, name):
+    single, multi = read_summary(runs["single"])["eval"], read_summary(runs[name])["eval"]
+    assert multi["num_examples"] == 101 == single["num_examples"]
+    assert multi["accuracy"] == single["accuracy"]
+    assert multi["confusion_matrix"] == single["confusion_matrix"]
+    assert multi["loss"] == pytest.approx(single["loss"], abs=1e-5)
+
+
+def test_train_loss_is_mean_over_ranks(runs):
+    # Same global batch, same weights: the reported loss is the mean over all 16 examples,
+    # so a rank-0-only loss (8 examples) would differ.
+    import json
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+
+    assert losses(runs["ddp"]) == pytest.approx(losses(runs["single"]), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3"])
+def test_zero_export_loads_and_predicts_like_the_trained_model(runs, name):
+    export = runs[name] / "final"
+    with safe_open(export / "model.safetensors", "pt") as handle:
+        assert all(handle.get_tensor(k).dtype in (torch.float32, torch.int64) for k in handle.keys())
+    model = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    cfg = load_config(None, EQUIVALENCE)
+    splits = load_labeled_splits(cfg.data)
+    texts, labels = splits.texts["validation"], torch.tensor(splits.labels["validation"])
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=cfg.data.max_length, return_tensors="pt")).logits
+    correct = int((logits.argmax(-1) == labels).sum())
+    loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    in_memory = read_summary(runs[name])["eval"]
+    assert correct == round(in_memory["accuracy"] * len(labels))
+    # The loss depends on every weight; equal loss means the export is the trained model.
+    assert loss == pytest.approx(in_memory["loss"], abs=1e-5)
+
+
+def test_bf16_ddp_exports_fp32(tmp_path):
+    out = tmp_path / "bf16"
+    launch("ddp.yaml", 2, "train", *TINY, "train.max_steps=6", "train.mixed_precision=bf16", f"output_dir={out}")
+    assert read_summary(out)["mixed_precision"] == "bf16"
+    with safe_open(out / "final" / "model.safetensors", "pt") as handle:
+        dtypes = {handle.get_tensor(k).dtype for k in handle.keys()}
+    assert torch.float32 in dtypes and torch.bfloat16 not in dtypes
+    AutoModelForSequenceClassification.from_pretrained(out / "final")
+
+
+def test_zero1_runs(tmp_path):
+    out = tmp_path / "zero1"
+    launch("zero1.yaml", 2, "train", *TINY, "train.max_steps=6", f"output_dir={out}")
+    assert read_summary(out)["world_size"] == 2
+
+
+def test_conflicting_deepspeed_value_is_refused(tmp_path):
+    config = tmp_path / "zero2_fixed.json"
+    config.write_text((REPO / "configs" / "deepspeed" / "zero2.json").read_text().replace('"train_micro_batch_size_per_gpu": "auto"', '"train_micro_batch_size_per_gpu": 4'))
+    accelerate_yaml = tmp_path / "zero2.yaml"
+    accelerate_yaml.write_text((REPO / "launch" / "accelerate" / "zero2.yaml").read_text().replace("configs/deepspeed/zero2.json", str(config)))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml), "--num_processes", "2", "-m", "distsent", "train", *TINY, "train.max_steps=2", f"output_dir={tmp_path / 'out'}"]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "train_micro_batch_size_per_gpu=4" in result.stderr and '"auto"' in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_on_one_host_match_two_processes(runs, tmp_path):
+    out = tmp_path / "nodes"
+    port = str(_free_port())
+    commands = [
+        [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(REPO / "launch" / "accelerate" / "ddp.yaml"),
+            "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+            "-m", "distsent", "train", *EQUIVALENCE, f"output_dir={out}",
+        ]
+        for rank in (0, 1)
+    ]
+    nodes = [subprocess.Popen(c, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-4000:]
+    assert read_summary(out)["world_size"] == 2
+    assert max_weight_difference(runs["ddp"] / "final", out / "final") <= ATOL
