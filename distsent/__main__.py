@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from distsent.checkpoint import CheckpointError
 from distsent.config import ConfigError
@@ -22,6 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     if overrides and "=" not in overrides[0]:
         config_path = overrides.pop(0)
     cfg = load_config(config_path, overrides)
+    from distsent.distributed import preemption_marker_path, read_launch_info
     from distsent.preemption import Preempted
     from distsent.train import train
 
@@ -29,6 +31,9 @@ def _train(args: argparse.Namespace) -> int:
         train(cfg)
     except Preempted as stop:
         logging.getLogger("distsent").warning("%s; exiting with %d so the job can be requeued", stop, stop.exit_code)
+        marker = preemption_marker_path()
+        if marker and read_launch_info().rank == 0:
+            Path(marker).write_text(json.dumps({"exit_code": stop.exit_code, "reason": str(stop)}) + "\n")
         return stop.exit_code
     return 0
 

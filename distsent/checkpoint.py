@@ -196,6 +196,22 @@ def _deepspeed_safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+def rollback_history(output_dir: Path, step: int) -> int:
+    """Drop metrics.jsonl events logged after `step` (they are about to be redone), so a
+    resumed run's history reads like an uninterrupted one. Returns how many were dropped."""
+    from distsent.tracking import METRICS_FILE
+
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text("".join(f"{line}\n" for line in kept))
+    staging.replace(path)
+    return len(lines) - len(kept)
+
+
 def load_checkpoint(accelerator, path: Path) -> None:
     """Restore model, optimizer, grad scaler and this rank's RNG state from `path`. Collective."""
     verify_no_arbitrary_pickles(path)

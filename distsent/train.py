@@ -21,6 +21,7 @@ from distsent.checkpoint import (
     read_checkpoint_payload,
     remove_partial_checkpoints,
     resolve_resume,
+    rollback_history,
     save_checkpoint,
 )
 from distsent.config import Config, save_config
@@ -127,6 +128,8 @@ def train(cfg: Config) -> dict:
             load_checkpoint(accelerator, resume_from)
             scheduler.load_state_dict(payload["scheduler"])
             state = TrainState(**payload["state"])
+            if accelerator.is_main_process:
+                rollback_history(output_dir, state.global_step)
 
         run_logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, initial_step=state.global_step)
         run_logger.banner(
@@ -146,7 +149,16 @@ def train(cfg: Config) -> dict:
             }
         )
 
+        # Running sums stay on the device; reading them (.item()) is a host-device sync.
+        # Rank 0 carries the restored window (a sum over all ranks) so the next reduce is exact.
+        carried = accelerator.is_main_process
+        window_loss = torch.tensor(state.window_loss_sum if carried else 0.0, device=accelerator.device)
+        window_tokens = torch.tensor(state.window_tokens if carried else 0, device=accelerator.device)
+
         def checkpoint() -> None:
+            """Collective: every rank writes its part of one resumable checkpoint."""
+            state.window_loss_sum = accelerator.reduce(window_loss, "sum").item()
+            state.window_tokens = int(accelerator.reduce(window_tokens, "sum").item())
             payload = {
                 "fingerprint": fingerprint,
                 "state": dataclasses.asdict(state),
@@ -183,11 +195,6 @@ def train(cfg: Config) -> dict:
         if state.eval_pending:
             validate_and_export_best()
 
-        # Running sums stay on the device; reading them (.item()) is a host-device sync.
-        # Rank 0 carries the restored window (a sum over all ranks) so the next reduce is exact.
-        carried = accelerator.is_main_process
-        window_loss = torch.tensor(state.window_loss_sum if carried else 0.0, device=accelerator.device)
-        window_tokens = torch.tensor(state.window_tokens if carried else 0, device=accelerator.device)
         grad_norm = None
         model.train()
         while state.global_step < total_steps:
@@ -261,8 +268,6 @@ def train(cfg: Config) -> dict:
                 ) and state.global_step < total_steps
                 preempted = watcher.should_stop(accelerator)
                 if should_checkpoint or preempted:
-                    state.window_loss_sum = accelerator.reduce(window_loss, "sum").item()
-                    state.window_tokens = int(accelerator.reduce(window_tokens, "sum").item())
                     checkpoint()
                 if preempted:
                     raise Preempted(f"stopped at step {state.global_step} on {watcher.received}; checkpoint written")
