@@ -155,3 +155,18 @@ def test_two_machines_on_one_host_match_two_processes(runs, tmp_path):
         assert node.returncode == 0, output[-4000:]
     assert read_summary(out)["world_size"] == 2
     assert max_weight_difference(runs["ddp"] / "final", out / "final") <= ATOL
+
+
+def test_zero3_offload_runs(tmp_path):
+    out = tmp_path / "offload"
+    launch("zero3_offload.yaml", 2, "train", *TINY, "train.max_steps=4", f"output_dir={out}")
+    assert read_summary(out)["distributed_type"] == "DEEPSPEED"
+    AutoModelForSequenceClassification.from_pretrained(out / "final")
+
+
+def test_torchrun_works_too(tmp_path):
+    out = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "distsent", "train", *TINY, "train.max_steps=4", f"output_dir={out}"]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert read_summary(out)["world_size"] == 2
