@@ -43,7 +43,14 @@ def predict_dataset(
     shard = eval_shard(len(dataset), accelerator.num_processes, accelerator.process_index)
     batches = _length_sorted_batches(shard, dataset["length"], batch_size)
     # Padding slots evaluate example 0 and are dropped after the gather by their -1 index.
-    loader = DataLoader(dataset, batch_sampler=[[max(i, 0) for i in b] for b in batches], collate_fn=PadCollator(pad_token_id))
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[[max(i, 0) for i in b] for b in batches],
+        collate_fn=PadCollator(pad_token_id),
+        # Its own generator: a loader otherwise draws from the global RNG, and evaluation
+        # must not shift the dropout masks of the training that follows (exact resume).
+        generator=torch.Generator(),
+    )
     was_training = model.training
     model.eval()
     indices, probs, labels, losses = [], [], [], []

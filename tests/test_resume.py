@@ -172,3 +172,26 @@ def test_pickled_objects_are_refused(tmp_path):
 
 def test_exit_code_is_documented():
     assert str(EXIT_PREEMPTED) in (REPO / "README.md").read_text()
+
+
+def test_preemption_during_validation_redoes_it_on_resume(tmp_path):
+    # A long validation (all 853 examples, small batches) right after step 5, so the signal
+    # lands inside it.
+    args = ["train", *TINY, "data.max_eval_samples=853", "train.eval_batch_size=2", "train.max_steps=10",
+            "train.eval_every_steps=5", "train.log_every_steps=5"]
+    straight = tmp_path / "straight"
+    run_cli(*args, f"output_dir={straight}")
+    run = tmp_path / "evalstop"
+    process = start(distsent_command(1, *args, f"output_dir={run}"))
+    wait_for_step(run, 5, process)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    state = json.loads((complete_checkpoints(run)[-1] / "training_state.json").read_text())["state"]
+    assert state["global_step"] == 5 and state["eval_pending"] is True
+    run_cli(*args, f"output_dir={run}", "train.resume=auto")
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [5, 10]
+    assert read_summary(run)["eval"]["accuracy"] == read_summary(straight)["eval"]["accuracy"]
+    assert max_weight_difference(run / "final", straight / "final") == 0.0
