@@ -25,8 +25,8 @@ demo: install
 	$(BIN)/distsent train
 
 test: install
-	$(BIN)/ruff check distsent tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra
 
 lint: install
-	$(BIN)/ruff check distsent tests bench
+	$(BIN)/ruff check .

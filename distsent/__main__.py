@@ -50,11 +50,17 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distsent", description="Fine-tune BERT-style encoders for sentiment and emotion.")
+    parser = argparse.ArgumentParser(
+        prog="distsent", description="Fine-tune BERT-style encoders for sentiment and emotion."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune a model", description="distsent train [CONFIG.yaml] [section.key=value ...]")
-    train.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help="optional YAML config, then dotted overrides")
+    train = commands.add_parser(
+        "train", help="fine-tune a model", description="distsent train [CONFIG.yaml] [section.key=value ...]"
+    )
+    train.add_argument(
+        "items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help="optional YAML config, then dotted overrides"
+    )
     train.set_defaults(handler=_train)
 
     predict = commands.add_parser("predict", help="classify texts with an exported model")

@@ -46,7 +46,8 @@ class TrainBatchPlan:
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training set ({len(self.lengths)} examples) is smaller than one global batch "
-                f"({self.global_batch_size} = {micro_batch_size} x {world_size} processes x {grad_accum_steps} accumulation)"
+                f"({self.global_batch_size} = {micro_batch_size} per process x {world_size} processes "
+                f"x {grad_accum_steps} accumulation)"
             )
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:

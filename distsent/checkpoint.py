@@ -86,7 +86,9 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     found = [
         path
         for path in root.iterdir()
-        if path.name.startswith(STEP_PREFIX) and path.name[len(STEP_PREFIX) :].isdigit() and (path / COMPLETE_MARKER).is_file()
+        if path.name.startswith(STEP_PREFIX)
+        and path.name[len(STEP_PREFIX) :].isdigit()
+        and (path / COMPLETE_MARKER).is_file()
     ]
     return sorted(found, key=_step_of)
 
@@ -97,7 +99,9 @@ def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     partial = [path for path in root.iterdir() if path.name.startswith(PARTIAL_PREFIX)]
-    partial += [path for path in root.iterdir() if path.name.startswith(STEP_PREFIX) and not (path / COMPLETE_MARKER).is_file()]
+    partial += [
+        path for path in root.iterdir() if path.name.startswith(STEP_PREFIX) and not (path / COMPLETE_MARKER).is_file()
+    ]
     for path in partial:
         shutil.rmtree(path, ignore_errors=True)
     return partial
@@ -150,7 +154,9 @@ def resolve_resume(mode: str, output_dir: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"train.resume={mode}: no such checkpoint folder")
     if not (path / COMPLETE_MARKER).is_file():
-        raise CheckpointError(f"train.resume={mode}: incomplete checkpoint (no {COMPLETE_MARKER} marker); its write was interrupted")
+        raise CheckpointError(
+            f"train.resume={mode}: incomplete checkpoint (no {COMPLETE_MARKER} marker); its write was interrupted"
+        )
     return path
 
 
@@ -159,14 +165,18 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     try:
         payload = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({error}); not a distsent checkpoint or corrupt") from error
+        raise CheckpointError(
+            f"{path}: unreadable {STATE_FILE} ({error}); not a distsent checkpoint or corrupt"
+        ) from error
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     saved = payload.get("fingerprint", {})
     differing = {key: (saved.get(key), value) for key, value in fingerprint.items() if saved.get(key) != value}
     if differing:
         details = ", ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differing.items())
-        raise CheckpointError(f"{path}: written by a different run ({details}); use another output_dir or train.resume=none")
+        raise CheckpointError(
+            f"{path}: written by a different run ({details}); use another output_dir or train.resume=none"
+        )
     return payload
 
 
@@ -182,7 +192,9 @@ def verify_no_arbitrary_pickles(path: Path) -> None:
             with torch.serialization.safe_globals([*TORCH_SAFE_GLOBALS, *_deepspeed_safe_globals()]):
                 torch.load(file, map_location="cpu", weights_only=True)
         except Exception as error:  # UnpicklingError and friends; the message says what was refused
-            raise CheckpointError(f"{file}: refused, it holds objects beyond tensors and plain data ({error})") from error
+            raise CheckpointError(
+                f"{file}: refused, it holds objects beyond tensors and plain data ({error})"
+            ) from error
 
 
 def _deepspeed_safe_globals() -> list:

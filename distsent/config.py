@@ -49,7 +49,7 @@ def read_yaml(text: str):
 @dataclass
 class ModelConfig:
     name: str = "all-MiniLM-L6-v2"
-    """Encoder to fine-tune: `all-MiniLM-L6-v2` (packaged), `tiny-bert` (random, for tests), a Hub id or a local folder."""
+    """Encoder: `all-MiniLM-L6-v2` (packaged), `tiny-bert` (random, for tests), a Hub id or a local folder."""
     head: Literal["cls", "mean", "cnn"] = "cls"
     """Classification head: the model's own (`cls`), masked mean pooling (`mean`) or 1-D convolutions (`cnn`)."""
     single_logit: bool = False
@@ -116,9 +116,7 @@ class DataConfig:
             raise ConfigError("data.train_file is required when data.dataset=files")
         known = ("embedded:", "hub:")
         if self.dataset != "files" and not self.dataset.startswith(known):
-            raise ConfigError(
-                f"data.dataset must be 'files', 'embedded:NAME' or 'hub:NAME', got {self.dataset!r}"
-            )
+            raise ConfigError(f"data.dataset must be 'files', 'embedded:NAME' or 'hub:NAME', got {self.dataset!r}")
 
 
 @dataclass
@@ -166,7 +164,8 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads per process for torch; None lets torch decide."""
     resume: str | None = None
-    """`auto` (newest complete checkpoint, or start fresh), `none`, or a checkpoint folder; unset means auto under Slurm, none elsewhere."""
+    """`auto` (newest complete checkpoint, else start fresh), `none`, or a checkpoint folder.
+    Unset: auto inside a Slurm job, none elsewhere."""
 
     def validate(self) -> None:
         _check_range("train.epochs", self.epochs, 0.0, None, exclusive_low=True)

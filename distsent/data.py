@@ -122,9 +122,7 @@ def _to_ids(labels: list, label_names: list[str], where: str) -> list[int]:
     return ids
 
 
-def stratified_split(
-    labels: list[int], fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of row indices keeping class proportions; every class with >= 2 rows
     lands on both sides."""
     indices = np.arange(len(labels))

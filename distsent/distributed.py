@@ -168,6 +168,6 @@ def _reconcile(section: dict, key: str, value, where: str | None = None) -> None
         section[key] = value
     elif current != value:
         raise ConfigError(
-            f'DeepSpeed config sets {where or key}={current!r} but the run config implies {value!r}; '
+            f"DeepSpeed config sets {where or key}={current!r} but the run config implies {value!r}; "
             'set it to "auto" so the run config decides'
         )

@@ -54,7 +54,7 @@ def predict_dataset(
     was_training = model.training
     model.eval()
     indices, probs, labels, losses = [], [], [], []
-    for batch_indices, batch in zip(batches, loader):
+    for batch_indices, batch in zip(batches, loader, strict=True):
         if should_stop is not None and should_stop():
             raise Preempted("stopped during evaluation")
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
@@ -72,7 +72,9 @@ def predict_dataset(
     order = torch.argsort(index)
     counted = torch.unique(index).numel()
     if counted != len(dataset) or index.numel() != len(dataset):
-        raise RuntimeError(f"evaluation gathered {index.numel()} predictions ({counted} unique) for {len(dataset)} examples")
+        raise RuntimeError(
+            f"evaluation gathered {index.numel()} predictions ({counted} unique) for {len(dataset)} examples"
+        )
     return Predictions(prob[order].numpy(), label[order].numpy(), loss[order].numpy())
 
 
@@ -87,5 +89,7 @@ def evaluate(
 ) -> tuple[dict, Predictions]:
     """Validation metrics (identical on every rank) and the per-example predictions."""
     predictions = predict_dataset(model, dataset, accelerator, batch_size, pad_token_id, should_stop)
-    metrics = classification_metrics(predictions.labels, predictions.probs, label_names, loss=float(predictions.losses.mean()))
+    metrics = classification_metrics(
+        predictions.labels, predictions.probs, label_names, loss=float(predictions.losses.mean())
+    )
     return metrics, predictions

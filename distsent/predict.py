@@ -44,5 +44,5 @@ class Predictor:
         scores, ids = probs.max(dim=-1)
         return [
             {"text": text, "label": self.label_names[i], "score": round(float(s), 6)}
-            for text, i, s in zip(texts, ids.tolist(), scores.tolist())
+            for text, i, s in zip(texts, ids.tolist(), scores.tolist(), strict=True)
         ]

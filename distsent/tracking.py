@@ -58,7 +58,9 @@ class RunLogger:
             return
         self._record({"event": "eval", "split": split, "step": step, "epoch": epoch, **metrics})
         flat = {k: v for k, v in metrics.items() if k not in CONSOLE_SKIP}
-        self._print(f"{split} @ step {step} (epoch {epoch:.2f})  " + "  ".join(f"{k} {_fmt(v)}" for k, v in flat.items()))
+        self._print(
+            f"{split} @ step {step} (epoch {epoch:.2f})  " + "  ".join(f"{k} {_fmt(v)}" for k, v in flat.items())
+        )
 
     def finish(self, summary: dict) -> None:
         if not self.enabled:

@@ -137,7 +137,9 @@ def train(cfg: Config) -> dict:
                 "model": f"{cfg.model.name} ({trainable:,} trainable, {frozen:,} frozen parameters)",
                 "data": f"{cfg.data.dataset} {splits.sizes()} labels {label_names}",
                 "notes": "; ".join(splits.notes) or "-",
-                "distributed": f"{accelerator.distributed_type.value}, {world_size} process(es) on {accelerator.device.type}",
+                "distributed": (
+                    f"{accelerator.distributed_type.value}, {world_size} process(es) on {accelerator.device.type}"
+                ),
                 "precision": accelerator.mixed_precision,
                 "global batch": (
                     f"{plan.global_batch_size} = {cfg.train.batch_size} per process x {world_size} processes "
@@ -190,7 +192,9 @@ def train(cfg: Config) -> dict:
             value = metrics[cfg.train.best_metric]
             if is_improvement(cfg.train.best_metric, value, state.best_value):
                 state.best_value, state.best_step = value, state.global_step
-                export_model(accelerator, model, tokenizer, cfg, {"step": state.global_step, **metrics}, output_dir / "best")
+                export_model(
+                    accelerator, model, tokenizer, cfg, {"step": state.global_step, **metrics}, output_dir / "best"
+                )
 
         if state.eval_pending:
             validate_and_export_best()
@@ -275,7 +279,9 @@ def train(cfg: Config) -> dict:
                     break
                 step_start = time.perf_counter()
 
-        export_model(accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final")
+        export_model(
+            accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final"
+        )
         summary = {
             "global_step": state.global_step,
             "epochs_completed": round(state.global_step / steps_per_epoch, 4),

@@ -41,7 +41,9 @@ def run_cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
         timeout=timeout,
     )
     if check and result.returncode != 0:
-        pytest.fail(f"distsent {' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        pytest.fail(
+            f"distsent {' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -49,14 +51,27 @@ def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
 
 
-def launch(config_file: str, num_processes: int, *args: str, extra_launch: tuple[str, ...] = (), check: bool = True, timeout: int = 600):
+def launch(
+    config_file: str,
+    num_processes: int,
+    *args: str,
+    extra_launch: tuple[str, ...] = (),
+    check: bool = True,
+    timeout: int = 600,
+):
     """`accelerate launch --config_file launch/accelerate/X.yaml --num_processes N -m distsent ARGS`."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "launch" / "accelerate" / config_file),
-        "--num_processes", str(num_processes),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch" / "accelerate" / config_file),
+        "--num_processes",
+        str(num_processes),
         *extra_launch,
-        "-m", "distsent", *args,
+        "-m",
+        "distsent",
+        *args,
     ]
     result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

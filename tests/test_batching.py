@@ -10,7 +10,10 @@ from distsent.distributed import LaunchInfo, resolve_mixed_precision
 
 def plans(world_size: int, accum: int, grouping: bool, n: int = 1000, micro: int = 8):
     lengths = np.random.default_rng(0).integers(5, 120, size=n)
-    return [TrainBatchPlan(lengths, micro, world_size, rank, accum, seed=3, length_grouping=grouping) for rank in range(world_size)]
+    return [
+        TrainBatchPlan(lengths, micro, world_size, rank, accum, seed=3, length_grouping=grouping)
+        for rank in range(world_size)
+    ]
 
 
 @pytest.mark.parametrize("grouping", [True, False])

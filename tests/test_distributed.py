@@ -59,7 +59,11 @@ def test_training_moved_the_weights(runs):
     assert first["global_step"] == 20
     import json
 
-    losses = [json.loads(line)["loss"] for line in (runs["single"] / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (runs["single"] / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in line
+    ]
     assert len(losses) == 4 and losses[0] != losses[-1]
 
 
@@ -78,7 +82,9 @@ def test_train_loss_is_mean_over_ranks(runs):
     import json
 
     def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+        return [
+            json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in line
+        ]
 
     assert losses(runs["ddp"]) == pytest.approx(losses(runs["single"]), abs=1e-5)
 
@@ -94,7 +100,9 @@ def test_zero_export_loads_and_predicts_like_the_trained_model(runs, name):
     splits = load_labeled_splits(cfg.data)
     texts, labels = splits.texts["validation"], torch.tensor(splits.labels["validation"])
     with torch.no_grad():
-        logits = model(**tokenizer(texts, padding=True, truncation=True, max_length=cfg.data.max_length, return_tensors="pt")).logits
+        logits = model(
+            **tokenizer(texts, padding=True, truncation=True, max_length=cfg.data.max_length, return_tensors="pt")
+        ).logits
     correct = int((logits.argmax(-1) == labels).sum())
     loss = float(torch.nn.functional.cross_entropy(logits, labels))
     in_memory = read_summary(runs[name])["eval"]
@@ -121,10 +129,30 @@ def test_zero1_runs(tmp_path):
 
 def test_conflicting_deepspeed_value_is_refused(tmp_path):
     config = tmp_path / "zero2_fixed.json"
-    config.write_text((REPO / "configs" / "deepspeed" / "zero2.json").read_text().replace('"train_micro_batch_size_per_gpu": "auto"', '"train_micro_batch_size_per_gpu": 4'))
+    config.write_text(
+        (REPO / "configs" / "deepspeed" / "zero2.json")
+        .read_text()
+        .replace('"train_micro_batch_size_per_gpu": "auto"', '"train_micro_batch_size_per_gpu": 4')
+    )
     accelerate_yaml = tmp_path / "zero2.yaml"
-    accelerate_yaml.write_text((REPO / "launch" / "accelerate" / "zero2.yaml").read_text().replace("configs/deepspeed/zero2.json", str(config)))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_yaml), "--num_processes", "2", "-m", "distsent", "train", *TINY, "train.max_steps=2", f"output_dir={tmp_path / 'out'}"]
+    accelerate_yaml.write_text(
+        (REPO / "launch" / "accelerate" / "zero2.yaml").read_text().replace("configs/deepspeed/zero2.json", str(config))
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_yaml),
+        "--num_processes",
+        "2",
+        "-m",
+        "distsent",
+        "train",
+        *TINY,
+        "train.max_steps=2",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
     assert "train_micro_batch_size_per_gpu=4" in result.stderr and '"auto"' in result.stderr
@@ -141,17 +169,35 @@ def test_two_machines_on_one_host_match_two_processes(runs, tmp_path):
     port = str(_free_port())
     commands = [
         [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(REPO / "launch" / "accelerate" / "ddp.yaml"),
-            "--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-            "-m", "distsent", "train", *EQUIVALENCE, f"output_dir={out}",
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "launch" / "accelerate" / "ddp.yaml"),
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            "-m",
+            "distsent",
+            "train",
+            *EQUIVALENCE,
+            f"output_dir={out}",
         ]
         for rank in (0, 1)
     ]
-    nodes = [subprocess.Popen(c, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    nodes = [
+        subprocess.Popen(c, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    for node, output in zip(nodes, outputs):
+    for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-4000:]
     assert read_summary(out)["world_size"] == 2
     assert max_weight_difference(runs["ddp"] / "final", out / "final") <= ATOL
@@ -166,7 +212,19 @@ def test_zero3_offload_runs(tmp_path):
 
 def test_torchrun_works_too(tmp_path):
     out = tmp_path / "torchrun"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "distsent", "train", *TINY, "train.max_steps=4", f"output_dir={out}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "distsent",
+        "train",
+        *TINY,
+        "train.max_steps=4",
+        f"output_dir={out}",
+    ]
     result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert read_summary(out)["world_size"] == 2

@@ -30,7 +30,15 @@ def train_losses(run: Path) -> list[tuple[int, float]]:
 
 def start(command: list[str]) -> subprocess.Popen:
     # A new session, so the whole launcher tree can be killed like a preempted job.
-    return subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -49,9 +57,16 @@ def distsent_command(processes: int, *args: str) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "distsent", *args]
     return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "launch/accelerate/ddp.yaml"), "--num_processes", str(processes),
-        "-m", "distsent", *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch/accelerate/ddp.yaml"),
+        "--num_processes",
+        str(processes),
+        "-m",
+        "distsent",
+        *args,
     ]
 
 
@@ -88,7 +103,9 @@ def test_sigterm_to_one_rank_checkpoints_all_and_resumes(straight, tmp_path):
     marker = tmp_path / "preempted.json"
     env = {**cli_env(), "DISTSENT_PREEMPTED_FILE": str(marker)}
     args = ["train", *RUN, "checkpoint.every_steps=100", "train.log_every_steps=1", f"output_dir={run}"]
-    process = subprocess.Popen(distsent_command(2, *args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        distsent_command(2, *args), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for_step(run, 8, process)
     workers = [
         child.pid
@@ -110,14 +127,19 @@ def test_sigterm_to_one_rank_checkpoints_all_and_resumes(straight, tmp_path):
 
 def test_kill_during_checkpoint_write_leaves_a_usable_checkpoint(straight, tmp_path):
     run = tmp_path / "midwrite"
-    args = ["train", *RUN, "checkpoint.every_steps=1", "checkpoint.keep_last=3", "train.log_every_steps=1", f"output_dir={run}"]
+    args = [
+        "train",
+        *RUN,
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=3",
+        "train.log_every_steps=1",
+        f"output_dir={run}",
+    ]
     process = start(distsent_command(1, *args))
     # Writing a checkpoint every step, the run is inside a write much of the time; kill as
     # soon as a partial folder exists beside at least one complete checkpoint.
     deadline = time.time() + 300
-    while time.time() < deadline and not (
-        complete_checkpoints(run) and any((run / "checkpoints").glob(".partial-*"))
-    ):
+    while time.time() < deadline and not (complete_checkpoints(run) and any((run / "checkpoints").glob(".partial-*"))):
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -135,7 +157,16 @@ def test_kill_during_checkpoint_write_leaves_a_usable_checkpoint(straight, tmp_p
 
 def test_keep_last_never_deletes_best(tmp_path):
     run = tmp_path / "keep"
-    run_cli("train", *TINY, "train.max_steps=12", "checkpoint.every_steps=2", "checkpoint.keep_last=2", "train.eval_every_steps=2", "train.best_metric=loss", f"output_dir={run}")
+    run_cli(
+        "train",
+        *TINY,
+        "train.max_steps=12",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep_last=2",
+        "train.eval_every_steps=2",
+        "train.best_metric=loss",
+        f"output_dir={run}",
+    )
     steps = [int(p.name.split("-")[1]) for p in complete_checkpoints(run)]
     best_step = read_summary(run)["best_metric"]["step"]
     assert steps[-2:] == [8, 10]  # the last two before the end
@@ -148,13 +179,17 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     run_cli("train", *TINY, "train.max_steps=4", "checkpoint.every_steps=2", f"output_dir={run}")
     checkpoint = complete_checkpoints(run)[-1]
 
-    foreign = run_cli("train", *TINY, "train.max_steps=4", "train.batch_size=4", f"output_dir={run}", "train.resume=auto", check=False)
+    foreign = run_cli(
+        "train", *TINY, "train.max_steps=4", "train.batch_size=4", f"output_dir={run}", "train.resume=auto", check=False
+    )
     assert foreign.returncode != 0
     assert "written by a different run" in foreign.stderr and "train.batch_size" in foreign.stderr
 
     state_file = checkpoint / "training_state.json"
     state_file.write_text("{not json")
-    corrupt = run_cli("train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={checkpoint}", check=False)
+    corrupt = run_cli(
+        "train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={checkpoint}", check=False
+    )
     assert corrupt.returncode != 0 and "training_state.json" in corrupt.stderr
 
 
@@ -177,8 +212,15 @@ def test_exit_code_is_documented():
 def test_preemption_during_validation_redoes_it_on_resume(tmp_path):
     # A long validation (all 853 examples, small batches) right after step 5, so the signal
     # lands inside it.
-    args = ["train", *TINY, "data.max_eval_samples=853", "train.eval_batch_size=2", "train.max_steps=10",
-            "train.eval_every_steps=5", "train.log_every_steps=5"]
+    args = [
+        "train",
+        *TINY,
+        "data.max_eval_samples=853",
+        "train.eval_batch_size=2",
+        "train.max_steps=10",
+        "train.eval_every_steps=5",
+        "train.log_every_steps=5",
+    ]
     straight = tmp_path / "straight"
     run_cli(*args, f"output_dir={straight}")
     run = tmp_path / "evalstop"

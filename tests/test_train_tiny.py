@@ -49,8 +49,8 @@ def test_export_loads_in_transformers(tiny_run: Path, which: str):
 
 def test_final_export_holds_the_trained_weights(tiny_run: Path):
     # The tiny model is randomly initialised from the seed; training must have moved it.
-    from distsent.modeling import build_model, build_tokenizer
     from distsent.config import load_config
+    from distsent.modeling import build_model, build_tokenizer
 
     torch.manual_seed(42)
     cfg = load_config(None, ["model.name=tiny-bert"])
