@@ -115,7 +115,9 @@ def train(cfg: Config) -> dict:
         with model_construction_context(accelerator):
             model = build_model(cfg.model, label_names, len(tokenizer))
         trainable, frozen = parameter_counts(model)
-        optimizer, scheduler = build_optimizer(cfg.train, model, total_steps, fused=accelerator.device.type == "cuda")
+        # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.
+        fused = accelerator.device.type in ("cpu", "cuda")
+        optimizer, scheduler = build_optimizer(cfg.train, model, total_steps, fused=fused)
         # The scheduler is not prepared: accelerate would step it once per process.
         model, optimizer = accelerator.prepare(model, optimizer)
         collator = PadCollator(tokenizer.pad_token_id)
