@@ -131,7 +131,7 @@ class TrainConfig:
     """Batch size per process for evaluation (no gradients, so it can be larger)."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
-    lr: float = 1e-4
+    lr: float = 5e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.01
     """AdamW weight decay; never applied to biases and LayerNorm weights."""
