@@ -49,6 +49,14 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from distsent.plots import write_plots
+
+    for path in write_plots(Path(args.run_dir), args.metric):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distsent", description="Fine-tune BERT-style encoders for sentiment and emotion."
@@ -67,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="exported model folder (e.g. runs/x/best)")
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.set_defaults(handler=_predict)
+
+    report = commands.add_parser("report", help="rebuild a run folder's PNG plots from its metrics.jsonl")
+    report.add_argument("run_dir", help="run folder (output_dir of a training run)")
+    report.add_argument("--metric", default="accuracy", help="validation metric for the learning-curve panel")
+    report.set_defaults(handler=_report)
     return parser
 
 

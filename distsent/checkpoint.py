@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from distsent.config import Config, save_config
+from distsent.modelcard import write_model_card
+from distsent.modeling import label_names_of
 
 EXPORT_CONFIG_NAME = "distsent_config.yaml"
 EXPORT_METRICS_NAME = "metrics.json"
@@ -43,9 +45,11 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
         }
         staging = staging_dir(target)
         staging.parent.mkdir(parents=True, exist_ok=True)
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / EXPORT_CONFIG_NAME)
+        write_model_card(staging, cfg, label_names_of(unwrapped.config), metrics)
         (staging / EXPORT_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         replace_directory(staging, target)
     # No rank moves on (or exits) before the export is complete on disk.

@@ -217,10 +217,25 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     wandb: bool = False
-    """Log to Weights & Biases (main process only; WANDB_MODE=offline works)."""
+    """Log to Weights & Biases from the main process (WANDB_MODE=offline and disabled work)."""
+    project: str = "distsent"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None uses the account's default."""
+    run_name: str | None = None
+    """W&B run name; None uses the output folder's name."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+    group: str | None = None
+    """W&B group (e.g. a sweep or an experiment family)."""
+    plots: bool = True
+    """Write learning-curve, confusion-matrix and ROC PNGs into the run folder at the end."""
+    progress_bar: bool = True
+    """Show a progress bar on the main process (off for batch logs)."""
 
     def validate(self) -> None:
-        pass
+        if not self.project:
+            raise ConfigError("log.project must not be empty")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from distsent.metrics import is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
 from distsent.preemption import Preempted, PreemptionWatcher
+from distsent.plots import save_predictions, write_plots
 from distsent.tracking import RunLogger
 
 log = logging.getLogger("distsent")
@@ -52,6 +53,7 @@ class TrainState:
     window_micro_batches: int = 0
     window_tokens: int = 0
     window_train_seconds: float = 0.0
+    last_train_loss: float | None = None
     eval_pending: bool = False
     """A validation at `global_step` was interrupted by preemption and is redone on resume."""
     wandb_run_id: str | None = None
@@ -133,7 +135,16 @@ def train(cfg: Config) -> dict:
             if accelerator.is_main_process:
                 rollback_history(output_dir, state.global_step)
 
-        run_logger = RunLogger(output_dir, accelerator.is_main_process, total_steps, initial_step=state.global_step)
+        run_logger = RunLogger(
+            cfg,
+            output_dir,
+            accelerator.is_main_process,
+            total_steps,
+            initial_step=state.global_step,
+            wandb_run_id=state.wandb_run_id,
+        )
+        # Kept in every checkpoint, so a resumed run continues the same W&B run.
+        state.wandb_run_id = run_logger.wandb_run_id
         run_logger.banner(
             {
                 "model": f"{cfg.model.name} ({trainable:,} trainable, {frozen:,} frozen parameters)",
@@ -172,11 +183,14 @@ def train(cfg: Config) -> dict:
                 accelerator, output_dir, state.global_step, payload, cfg.checkpoint.keep_last, {state.best_step}
             )
 
+        last_predictions = None
+
         def validate_and_export_best() -> None:
             """Validate; on preemption mid-way, checkpoint with the validation marked pending."""
+            nonlocal last_predictions
             state.eval_pending = True
             try:
-                metrics, _ = evaluate(
+                metrics, last_predictions = evaluate(
                     model,
                     eval_set,
                     accelerator,
@@ -189,6 +203,9 @@ def train(cfg: Config) -> dict:
                 checkpoint()
                 raise
             state.eval_pending = False
+            if state.last_train_loss is not None:
+                # Above 1 and growing while validation loss rises: the model is overfitting.
+                metrics["val_train_loss_ratio"] = metrics["loss"] / state.last_train_loss
             state.last_metrics = metrics
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, metrics)
             value = metrics[cfg.train.best_metric]
@@ -252,6 +269,7 @@ def train(cfg: Config) -> dict:
                     }
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
+                    state.last_train_loss = values["loss"]
                     run_logger.log_train(state.global_step, values)
                     run_logger.advance(0, loss=values["loss"], lr=values["lr"])
                     state.train_tokens += tokens_sum
@@ -302,8 +320,14 @@ def train(cfg: Config) -> dict:
         }
         if accelerator.is_main_process:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if last_predictions is not None:
+                save_predictions(output_dir, last_predictions.labels, last_predictions.probs, label_names)
+            if cfg.log.plots:
+                run_logger.log_images(write_plots(output_dir, cfg.train.best_metric))
         run_logger.finish(summary)
         return summary
     finally:
+        if run_logger is not None:
+            run_logger.close()
         watcher.restore()
         accelerator.end_training()

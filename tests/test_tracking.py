@@ -1,0 +1,92 @@
+"""Observability: one W&B run (offline, real files), resumed as the same run; plots; report; secrets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, TINY, cli_env, read_summary, run_cli
+from tests.test_resume import distsent_command, wait_for_step
+from tests.wandb_offline import read_offline_run
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+WANDB = ["log.wandb=true", "log.project=distsent-tests", "log.tags=[ci, tiny]"]
+
+
+def wandb_env() -> dict[str, str]:
+    return {**cli_env(), "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_SILENT": "true"}
+
+
+def offline_runs(output_dir: Path) -> list[Path]:
+    return sorted((output_dir / "wandb").glob("offline-run-*"))
+
+
+def assert_no_secret(output_dir: Path) -> None:
+    for path in output_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), f"{path} contains WANDB_API_KEY"
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wandb") / "run"
+    command = distsent_command(2, "train", *TINY, *WANDB, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}")
+    result = subprocess.run(command, cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_make_exactly_one_wandb_run(two_process_run):
+    (run_dir,) = offline_runs(two_process_run)
+    run = read_offline_run(run_dir)
+    keys = set().union(*run["history"])
+    assert {"train/loss", "train/lr", "validation/accuracy"} <= keys
+    losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
+    jsonl = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [e["loss"] for e in jsonl if e["event"] == "train"]  # the all-rank mean, as logged
+    assert run["config"]["train"]["max_steps"] == 20 and run["config"]["model"]["name"] == "tiny-bert"
+    assert_no_secret(two_process_run)
+
+
+@pytest.mark.slow
+def test_plots_metrics_and_report(two_process_run):
+    events = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
+    assert {e["event"] for e in events} == {"train", "eval"}
+    assert [e["step"] for e in events if e["event"] == "eval"] == [10, 16, 20]  # every 10 steps and the epoch end
+    plots = two_process_run / "plots"
+    names = {"learning_curves.png", "confusion_matrix.png", "roc.png"}
+    assert {p.name for p in plots.iterdir()} == names
+    assert all((plots / n).stat().st_size > 10_000 for n in names)
+    shutil.rmtree(plots)
+    result = run_cli("report", str(two_process_run))
+    assert {Path(line).name for line in result.stdout.split()} == names
+    assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    card = (two_process_run / "best" / "README.md").read_text()
+    assert "tiny-bert" in card and "accuracy" in card and "negative" in card
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+    out = tmp_path / "resumed"
+    args = ["train", *TINY, *WANDB, "train.max_steps=30", "checkpoint.every_steps=100", "train.log_every_steps=1", f"output_dir={out}"]
+    process = subprocess.Popen(distsent_command(2, *args), cwd=REPO, env=wandb_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(out, 10, process)
+    worker = max(c.pid for c in psutil.Process(process.pid).children(recursive=True) if "distsent" in c.cmdline())
+    os.kill(worker, signal.SIGTERM)
+    process.communicate(timeout=300)
+    assert not (out / "final").exists()
+    resumed = subprocess.run(distsent_command(2, *args, "train.resume=auto"), cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    runs = [read_offline_run(d) for d in offline_runs(out)]
+    assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]
+    steps = [row["_step"] for run in runs for row in run["history"] if "train/loss" in row]
+    assert steps[-1] == 30 and read_summary(out)["global_step"] == 30
+    assert_no_secret(out)
