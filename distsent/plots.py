@@ -74,7 +74,9 @@ def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str]
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot(fpr, tpr, label=f"AUC {area:.3f}")
     axis.plot([0, 1], [0, 1], "--", color="grey")
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({label_names[1]} vs {label_names[0]})")
+    axis.set(
+        xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({label_names[1]} vs {label_names[0]})"
+    )
     axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(target, dpi=100)
@@ -94,8 +96,12 @@ def write_plots(output_dir: Path, metric: str = "accuracy") -> list[Path]:
     evals = [e for e in events if e["event"] == "eval" and "confusion_matrix" in e]
     if evals and predictions:
         written.append(
-            confusion_matrix_plot(evals[-1]["confusion_matrix"], predictions["label_names"], folder / "confusion_matrix.png")
+            confusion_matrix_plot(
+                evals[-1]["confusion_matrix"], predictions["label_names"], folder / "confusion_matrix.png"
+            )
         )
     if predictions and len(predictions["label_names"]) == 2 and len(set(predictions["labels"])) == 2:
-        written.append(roc_plot(predictions["labels"], predictions["probs"], predictions["label_names"], folder / "roc.png"))
+        written.append(
+            roc_plot(predictions["labels"], predictions["probs"], predictions["label_names"], folder / "roc.png")
+        )
     return written

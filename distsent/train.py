@@ -31,8 +31,8 @@ from distsent.evaluate import evaluate
 from distsent.metrics import is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
-from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.plots import save_predictions, write_plots
+from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.tracking import RunLogger
 
 log = logging.getLogger("distsent")

@@ -37,7 +37,9 @@ def assert_no_secret(output_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wandb") / "run"
-    command = distsent_command(2, "train", *TINY, *WANDB, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}")
+    command = distsent_command(
+        2, "train", *TINY, *WANDB, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}"
+    )
     result = subprocess.run(command, cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
@@ -76,14 +78,36 @@ def test_plots_metrics_and_report(two_process_run):
 @pytest.mark.slow
 def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     out = tmp_path / "resumed"
-    args = ["train", *TINY, *WANDB, "train.max_steps=30", "checkpoint.every_steps=100", "train.log_every_steps=1", f"output_dir={out}"]
-    process = subprocess.Popen(distsent_command(2, *args), cwd=REPO, env=wandb_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        "train",
+        *TINY,
+        *WANDB,
+        "train.max_steps=30",
+        "checkpoint.every_steps=100",
+        "train.log_every_steps=1",
+        f"output_dir={out}",
+    ]
+    process = subprocess.Popen(
+        distsent_command(2, *args),
+        cwd=REPO,
+        env=wandb_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_step(out, 10, process)
     worker = max(c.pid for c in psutil.Process(process.pid).children(recursive=True) if "distsent" in c.cmdline())
     os.kill(worker, signal.SIGTERM)
     process.communicate(timeout=300)
     assert not (out / "final").exists()
-    resumed = subprocess.run(distsent_command(2, *args, "train.resume=auto"), cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        distsent_command(2, *args, "train.resume=auto"),
+        cwd=REPO,
+        env=wandb_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     runs = [read_offline_run(d) for d in offline_runs(out)]
     assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]

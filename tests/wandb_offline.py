@@ -57,5 +57,7 @@ def read_offline_run(run_dir: Path) -> dict:
         for item in updates:
             config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         if kind == "history":
-            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return {"run_id": run_id, "history": history, "config": config}
