@@ -1,0 +1,106 @@
+"""The shipped sbatch scripts on a real (one-node, CPU) Slurm cluster started by the tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+
+from distsent.checkpoint import complete_checkpoints
+from tests.conftest import REPO, max_weight_difference, read_summary
+from tests.slurm_cluster import SlurmCluster
+
+pytestmark = pytest.mark.slow
+
+CONFIG = REPO / "tests" / "configs" / "tiny_slurm.yaml"
+# This cluster has CPUs only: no GPUs to ask for, one CPU per job so two jobs run side by side.
+CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=00:20:00"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def submit(cluster: SlurmCluster, script: str, output_dir: Path, log: Path) -> int:
+    env = {"DISTSENT_PYTHON": sys.executable, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return cluster.sbatch(
+        *CPU_NODE,
+        f"--output={log}",
+        str(REPO / "launch" / "slurm" / script),
+        str(CONFIG),
+        f"output_dir={output_dir}",
+        cwd=REPO,
+        env=env,
+    )
+
+
+def test_single_node_sbatch_completes_with_an_export(cluster, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    job = submit(cluster, "single_node.sbatch", out, log)
+    state, exit_code, _ = cluster.wait(job)
+    assert (state, exit_code) == ("COMPLETED", "0:0"), log.read_text()[-4000:]
+    assert read_summary(out)["global_step"] == 120
+    AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert f"job {job} (restart 0)" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def straight(cluster, tmp_path_factory) -> Path:
+    """An uninterrupted job, the reference for the interrupted ones."""
+    root = tmp_path_factory.mktemp("straight")
+    job = submit(cluster, "single_node.sbatch", root / "run", root / "job.log")
+    assert cluster.wait(job)[0] == "COMPLETED", (root / "job.log").read_text()[-3000:]
+    return root / "run"
+
+
+def submit_and_wait_for_checkpoint(cluster: SlurmCluster, output_dir: Path, log: Path) -> int:
+    job = submit(cluster, "single_node.sbatch", output_dir, log)
+    deadline = time.time() + 300
+    while time.time() < deadline and not complete_checkpoints(output_dir):
+        time.sleep(0.2)
+    assert complete_checkpoints(output_dir), (
+        f"no checkpoint appeared:\n{log.read_text()[-3000:] if log.exists() else ''}"
+    )
+    return job
+
+
+def assert_same_as_straight(run: Path, straight: Path) -> None:
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "train"] == list(range(1, 121))
+    assert max_weight_difference(run / "final", straight / "final") == 0.0
+
+
+def test_preemption_signal_checkpoints_requeues_and_finishes(cluster, straight, tmp_path):
+    run, log = tmp_path / "usr1", tmp_path / "usr1.log"
+    job = submit_and_wait_for_checkpoint(cluster, run, log)
+    # What `--signal=USR1@90` does before the time limit: USR1 to every process of the step.
+    result = subprocess.run(["scancel", "--signal=USR1", str(job)], env=cluster.env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    state, exit_code, restarts = cluster.wait(job)
+    text = log.read_text()
+    assert (state, exit_code) == ("COMPLETED", "0:0"), text[-4000:]
+    assert restarts >= 1 and "preempted (exit 75); requeueing" in text and "resumed from" in text
+    assert_same_as_straight(run, straight)
+
+
+def test_requeued_job_resumes_to_the_same_weights(cluster, straight, tmp_path):
+    requeued, log = tmp_path / "requeued", tmp_path / "requeued.log"
+    job = submit_and_wait_for_checkpoint(cluster, requeued, log)
+    cluster.requeue(job)
+    state, exit_code, restarts = cluster.wait(job)
+    assert (state, exit_code) == ("COMPLETED", "0:0"), log.read_text()[-4000:]
+    assert restarts >= 1
+    text = log.read_text()
+    assert f"job {job} (restart 1)" in text and "resumed from" in text
+    assert_same_as_straight(requeued, straight)
