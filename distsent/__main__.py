@@ -14,15 +14,17 @@ from distsent.config import ConfigError
 EXIT_USAGE = 2
 
 
+def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
+    """A config file is optional: the first positional is one only if it is not an override."""
+    if items and "=" not in items[0]:
+        return items[0], list(items[1:])
+    return None, list(items)
+
+
 def _train(args: argparse.Namespace) -> int:
     from distsent.config import load_config
 
-    # A config file is optional: the first positional is one only if it is not an override.
-    config_path = None
-    overrides = list(args.items)
-    if overrides and "=" not in overrides[0]:
-        config_path = overrides.pop(0)
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(*_split_config(args.items))
     from distsent.distributed import preemption_marker_path, read_launch_info
     from distsent.preemption import Preempted
     from distsent.train import train
@@ -47,6 +49,14 @@ def _predict(args: argparse.Namespace) -> int:
     for row in predictor.predict(args.texts):
         print(json.dumps(row, ensure_ascii=False))
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from distsent.config import load_config
+    from distsent.doctor import run_doctor
+
+    config_path, overrides = _split_config(args.items)
+    return run_doctor(load_config(config_path, overrides))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -75,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="exported model folder (e.g. runs/x/best)")
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.set_defaults(handler=_predict)
+
+    doctor = commands.add_parser("doctor", help="preflight: what this process sees and whether a run can work")
+    doctor.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help="the run's config and overrides")
+    doctor.set_defaults(handler=_doctor)
 
     report = commands.add_parser("report", help="rebuild a run folder's PNG plots from its metrics.jsonl")
     report.add_argument("run_dir", help="run folder (output_dir of a training run)")

@@ -45,6 +45,32 @@ def read_launch_info() -> LaunchInfo:
     )
 
 
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_MIXED_PRECISION",
+    "DS_ACCELERATOR",
+    "CUDA_VISIBLE_DEVICES",
+    "SLURM_JOB_ID",
+    "SLURM_NNODES",
+    "SLURM_NODEID",
+    "SLURM_PROCID",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_RESTART_COUNT",
+)
+
+
+def launcher_environment() -> dict[str, str]:
+    """The launcher and scheduler variables that are set, for `distsent doctor`."""
+    return {name: os.environ[name] for name in LAUNCHER_VARIABLES if name in os.environ}
+
+
 def preemption_marker_path() -> str | None:
     """Where to record "this run was preempted" for a job script (DISTSENT_PREEMPTED_FILE).
 

@@ -1,0 +1,104 @@
+"""`distsent doctor`: what this process sees, and whether a run can work here.
+
+Run it under the same launcher as the real job (`accelerate launch ... -m distsent doctor`,
+`srun ...`) to see the rank mapping each process gets."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from distsent.config import Config
+from distsent.distributed import launcher_environment, read_launch_info
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
+    """(facts to print, problems that would stop a run)."""
+    info = read_launch_info()
+    env = launcher_environment()
+    facts: list[tuple[str, str]] = []
+    problems: list[str] = []
+
+    facts.append(("torch", f"{torch.__version__} (CUDA build {torch.version.cuda or 'none'})"))
+    for package in ("transformers", "accelerate", "datasets", "deepspeed", "wandb"):
+        facts.append((package, _version(package)))
+    device_count = torch.cuda.device_count() if info.has_cuda else 0
+    facts.append(("CUDA devices", str(device_count)))
+    backends = [
+        name
+        for name, ok in (
+            ("nccl", torch.distributed.is_nccl_available()),
+            ("gloo", torch.distributed.is_gloo_available()),
+        )
+        if ok
+    ]
+    facts.append(("process-group backends", ", ".join(backends) or "none"))
+    facts.append(("rank mapping", f"rank {info.rank} of {info.world_size}, local rank {info.local_rank}"))
+    facts.append(("launcher variables", " ".join(f"{k}={v}" for k, v in env.items()) or "none (single process)"))
+
+    if info.world_size > 1 and "MASTER_ADDR" not in env:
+        problems.append(
+            "WORLD_SIZE > 1 but MASTER_ADDR is not set: start through accelerate launch, torchrun or the sbatch scripts"
+        )
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if info.has_cuda and local_world > device_count:
+        problems.append(f"{local_world} processes on this node but only {device_count} GPU(s) visible")
+    if not info.has_cuda and info.world_size > 1 and "gloo" not in backends:
+        problems.append("multi-process on CPU needs the gloo backend, which this torch lacks")
+
+    if info.use_deepspeed or _version("deepspeed") != "not installed":
+        facts.append(("DeepSpeed ops", _deepspeed_ops(problems, required=info.use_deepspeed)))
+
+    wandb_mode = os.environ.get("WANDB_MODE", "online")
+    key = "set" if os.environ.get("WANDB_API_KEY") else "not set (uses ~/.netrc if logged in)"
+    facts.append(("W&B", f"log.wandb={cfg.log.wandb}, WANDB_MODE={wandb_mode}, API key {key}"))
+
+    output = Path(cfg.output_dir).resolve()
+    existing = next(p for p in [output, *output.parents] if p.exists())
+    free_gb = shutil.disk_usage(existing).free / 2**30
+    facts.append(("output_dir", f"{output} ({free_gb:.1f} GiB free on its filesystem)"))
+    if not os.access(existing, os.W_OK):
+        problems.append(f"output_dir {output}: {existing} is not writable")
+    if free_gb < 1:
+        problems.append(f"output_dir {output}: only {free_gb:.2f} GiB free; checkpoints and exports need more")
+    return facts, problems
+
+
+def _deepspeed_ops(problems: list[str], required: bool) -> str:
+    try:
+        import deepspeed  # noqa: F401
+        from deepspeed.ops.op_builder import CPUAdamBuilder, FusedAdamBuilder
+    except Exception as error:  # an import failure is itself the diagnosis
+        if required:
+            problems.append(f"the launch asks for DeepSpeed but it does not import: {error}")
+        return f"unavailable ({error})"
+    from deepspeed.accelerator import get_accelerator
+
+    builders = {"cpu_adam": CPUAdamBuilder(), "fused_adam": FusedAdamBuilder()}
+    ops = ", ".join(
+        f"{name} {'ok' if builder.is_compatible(verbose=False) else 'no'}" for name, builder in builders.items()
+    )
+    return f"accelerator {get_accelerator().device_name()}; {ops}"
+
+
+def run_doctor(cfg: Config) -> int:
+    facts, problems = diagnose(cfg)
+    width = max(len(name) for name, _ in facts)
+    print("distsent doctor")
+    for name, value in facts:
+        print(f"  {name:<{width}}  {value}")
+    for problem in problems:
+        print(f"  PROBLEM: {problem}")
+    print("ok: nothing here stops a run" if not problems else f"{len(problems)} problem(s) found")
+    return 0 if not problems else 1

@@ -1,0 +1,34 @@
+import subprocess
+import sys
+
+from tests.conftest import REPO, cli_env, launch, run_cli
+
+
+def test_doctor_reports_what_it_sees():
+    result = run_cli("doctor")
+    for fact in ("torch", "process-group backends", "gloo", "rank mapping", "DeepSpeed ops", "W&B", "GiB free"):
+        assert fact in result.stdout
+    assert "ok: nothing here stops a run" in result.stdout
+
+
+def test_doctor_never_prints_the_api_key():
+    env = {**cli_env(), "WANDB_API_KEY": "secret-key-value-123"}
+    result = subprocess.run(
+        [sys.executable, "-m", "distsent", "doctor"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert "API key set" in result.stdout and "secret-key-value-123" not in result.stdout + result.stderr
+
+
+def test_doctor_fails_on_a_configuration_that_cannot_work():
+    env = {**cli_env(), "WORLD_SIZE": "2", "RANK": "0"}
+    env.pop("MASTER_ADDR", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "distsent", "doctor"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert "MASTER_ADDR is not set" in result.stdout
+
+
+def test_doctor_under_the_launcher_shows_each_rank():
+    result = launch("ddp.yaml", 2, "doctor")
+    assert "rank 0 of 2" in result.stdout and "rank 1 of 2" in result.stdout
