@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distsent.checkpoint import CheckpointError
 from distsent.config import ConfigError
+from distsent.data import DataError
 
 EXIT_USAGE = 2
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except CheckpointError as error:
         print(f"distsent: checkpoint error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except DataError as error:
+        print(f"distsent: data error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -90,7 +90,32 @@ class DataConfig:
     label_column: str = "label"
     """Column holding the label (names or integer ids)."""
     labels: list[str] | None = None
-    """Label names in id order; None derives them (sorted) from the training data."""
+    """Label names in id order; None derives them (sorted) from the training data. Integer labels index it."""
+    has_header: bool = True
+    """CSV/TSV files start with a header row; set false and give column_names for headerless files."""
+    column_names: list[str] | None = None
+    """Column names of headerless CSV/TSV files, in order (e.g. [id, text, category])."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """Rows that cannot be used (wrong field count, undecodable bytes, empty text or label, unknown
+    validation label): `error` stops with file and line, `skip` drops them and reports the count."""
+    drop_multi_label: bool = False
+    """Drop rows whose label holds several labels joined by multi_label_separator (`happy|surprise`)."""
+    multi_label_separator: str = "|"
+    """Separator of multi-label values."""
+    drop_labels: list[str] = field(default_factory=list)
+    """Drop rows with these labels (e.g. [nocode])."""
+    strip_html: bool = False
+    """Replace HTML line breaks and tags (`<br />`) with spaces."""
+    strip_urls: bool = False
+    """Remove http(s):// and www. URLs."""
+    lowercase: bool = False
+    """Lower-case texts (only useful with a cased tokenizer)."""
+    deduplicate: bool = False
+    """Drop exact duplicate texts in the training data (the first occurrence stays)."""
+    truncation: Literal["head", "head_tail"] = "head"
+    """Long texts keep their first tokens (`head`) or their first head_tokens and last tokens (`head_tail`)."""
+    head_tokens: int = 128
+    """With truncation=head_tail: tokens kept from the start; the rest of max_length comes from the end."""
     validation_fraction: float = 0.1
     """Fraction held out (stratified, seeded) as validation when the source has no validation split."""
     test_fraction: float = 0.0
@@ -110,6 +135,10 @@ class DataConfig:
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ConfigError("data.validation_fraction + data.test_fraction must be < 1")
         _check_range("data.max_length", self.max_length, 8, 8192)
+        if self.truncation == "head_tail":
+            _check_range("data.head_tokens", self.head_tokens, 0, self.max_length - 2)
+        if not self.has_header and not self.column_names:
+            raise ConfigError("data.column_names is required when data.has_header=false")
         _check_range("data.max_train_samples", self.max_train_samples, 1, None, allow_none=True)
         _check_range("data.max_eval_samples", self.max_eval_samples, 1, None, allow_none=True)
         if self.dataset == "files" and not self.train_file:
@@ -161,6 +190,12 @@ class TrainConfig:
     """Validate at the end of each epoch."""
     best_metric: str = "accuracy"
     """Validation metric that picks the `best` export (e.g. accuracy, f1_macro, f1_weighted, loss)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many validations in a row without improving best_metric."""
+    early_stopping_target: float | None = None
+    """Stop as soon as best_metric reaches this value (e.g. 0.80 accuracy; for loss, at or below it)."""
+    class_weights: Literal["balanced"] | list[float] | None = None
+    """Loss weights per class: `balanced` (inverse frequency in the training data) or one number per label."""
     threads: int | None = None
     """CPU threads per process for torch; None lets torch decide."""
     resume: str | None = None
@@ -184,6 +219,9 @@ class TrainConfig:
         _check_range("train.log_every_steps", self.log_every_steps, 1, None)
         _check_range("train.eval_every_steps", self.eval_every_steps, 1, None, allow_none=True)
         _check_range("train.threads", self.threads, 1, None, allow_none=True)
+        _check_range("train.early_stopping_patience", self.early_stopping_patience, 1, None, allow_none=True)
+        if isinstance(self.class_weights, list) and any(w <= 0 for w in self.class_weights):
+            raise ConfigError(f"train.class_weights must be positive, got {self.class_weights}")
 
     def micro_batches_per_step(self, world_size: int) -> int:
         """Micro-batches (across all processes) that make one optimizer step."""

