@@ -42,13 +42,53 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from distsent.predict import Predictor
+    from distsent.predict import Predictor, write_jsonl
 
-    if not args.texts:
-        raise ConfigError("predict: give one or more texts")
+    if not args.texts and not args.file:
+        raise ConfigError(
+            "predict: give texts, or --file with one text per line (or a CSV/TSV/JSONL and --text-column)"
+        )
     predictor = Predictor(args.model)
-    for row in predictor.predict(args.texts):
-        print(json.dumps(row, ensure_ascii=False))
+    texts = list(args.texts) + (_read_texts(Path(args.file), args.text_column) if args.file else [])
+    rows = predictor.predict(texts, batch_size=args.batch_size)
+    if args.output:
+        write_jsonl(rows, Path(args.output))
+        print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def _read_texts(path: Path, text_column: str) -> list[str]:
+    """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet file."""
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from distsent.config import DataConfig
+    from distsent.data import BadRows, read_file
+
+    # Unlabelled files are fine here: the label column is only required by evaluate.
+    cfg = DataConfig(text_column=text_column, label_column=text_column)
+    return read_file(str(path), cfg, BadRows("error")).texts
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from distsent.config import DataConfig
+    from distsent.evaluate import evaluate_file
+
+    data = Path(args.data)
+    cfg = DataConfig(
+        dataset="files",
+        train_file=str(data),
+        text_column=args.text_column,
+        label_column=args.label_column,
+        bad_rows=args.bad_rows,
+    )
+    misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
+    report = evaluate_file(Path(args.model), cfg, misclassified)
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -85,7 +125,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify texts with an exported model")
     predict.add_argument("--model", required=True, help="exported model folder (e.g. runs/x/best)")
     predict.add_argument("texts", nargs="*", help="texts to classify")
+    predict.add_argument("--file", help="texts to classify: .txt (one per line), CSV, TSV, JSON, JSONL or Parquet")
+    predict.add_argument("--text-column", default="text", help="text column of --file (default: text)")
+    predict.add_argument("--output", help="write JSON lines here instead of printing them")
+    predict.add_argument("--batch-size", type=int, default=64)
     predict.set_defaults(handler=_predict)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of an exported model on a labelled file")
+    evaluate.add_argument("--model", required=True, help="exported model folder")
+    evaluate.add_argument("--data", required=True, help="labelled CSV, TSV, JSON, JSONL or Parquet file")
+    evaluate.add_argument("--text-column", default="text")
+    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--bad-rows", choices=["error", "skip"], default="error", help="refuse or skip unusable rows")
+    evaluate.add_argument("--misclassified", help="where to write misclassified rows (default: beside --data)")
+    evaluate.set_defaults(handler=_evaluate)
 
     doctor = commands.add_parser("doctor", help="preflight: what this process sees and whether a run can work")
     doctor.add_argument("items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help="the run's config and overrides")

@@ -269,10 +269,13 @@ def _clean_and_filter(rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str
 
 
 def _label_key(label, label_names: list[str] | None) -> str:
-    # Integer labels index configured names (`labels: [negative, positive]` with 0/1 data).
-    if label_names and isinstance(label, int) and not isinstance(label, bool) and str(label) not in label_names:
-        return label_names[label] if 0 <= label < len(label_names) else str(label)
-    return str(label)
+    """The label's name. Integer labels (or digit strings from CSV) index configured names
+    (`labels: [negative, positive]` with 0/1 data) unless they are names themselves."""
+    key = str(label)
+    if label_names and key not in label_names and key.lstrip("-").isdigit() and not isinstance(label, bool):
+        number = int(key)
+        return label_names[number] if 0 <= number < len(label_names) else key
+    return key
 
 
 def _label_names(labels: list, configured: list[str] | None) -> list[str]:
@@ -380,21 +383,32 @@ def _limit(splits: LabeledSplits, split: str, limit: int | None, seed: int) -> N
     splits.notes.append(f"{split} limited to {limit} examples")
 
 
-def encode_texts(texts: list[str], tokenizer, max_length: int, truncation: str = "head", head_tokens: int = 128) -> list[list[int]]:
+def encode_texts(
+    texts: list[str], tokenizer, max_length: int, truncation: str = "head", head_tokens: int = 128
+) -> list[list[int]]:
     """Token ids with special tokens, at most max_length long.
 
     head_tail keeps the first `head_tokens` and the last max_length - 2 - head_tokens tokens
     of a long text: reviews state their verdict at the start or the end."""
     if truncation == "head":
         return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    budget = max_length - tokenizer.num_special_tokens_to_add()
+    prefix, suffix = _special_tokens_around(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
     tail = budget - head_tokens
     encoded = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         if len(ids) > budget:
             ids = ids[:head_tokens] + (ids[-tail:] if tail > 0 else [])
-        encoded.append(tokenizer.build_inputs_with_special_tokens(ids))
+        encoded.append(prefix + ids + suffix)
     return encoded
+
+
+def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer puts before and after one text ([CLS] / [SEP], <s> / </s>)."""
+    full = tokenizer("a")["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
+    return full[:start], full[start + len(bare) :]
 
 
 def tokenize(texts: list[str], labels: list[int], tokenizer, cfg: DataConfig) -> datasets.Dataset:

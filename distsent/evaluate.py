@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from distsent.batching import PadCollator, eval_shard
+from distsent.data import DataError
 from distsent.metrics import classification_metrics
 from distsent.modeling import classification_loss, probabilities
 from distsent.preemption import Preempted
@@ -93,3 +95,44 @@ def evaluate(
         predictions.labels, predictions.probs, label_names, loss=float(predictions.losses.mean())
     )
     return metrics, predictions
+
+
+def evaluate_file(model_dir: Path, data_cfg, misclassified_path: Path) -> dict:
+    """Metrics of an export on a labelled file (every row, in order), and its misclassified rows.
+
+    The file is read with the same readers and bad-row policy as training data."""
+    from distsent.data import BadRows, read_file
+    from distsent.predict import Predictor, write_jsonl
+
+    predictor = Predictor(model_dir)
+    bad = BadRows(data_cfg.bad_rows)
+    rows = read_file(data_cfg.train_file, data_cfg, bad)
+    index = {name: i for i, name in enumerate(predictor.label_names)}
+    labels = []
+    for label, origin in zip(rows.labels, rows.origins, strict=True):
+        key = str(label)
+        if key not in index and isinstance(label, int) and 0 <= label < len(predictor.label_names):
+            key = predictor.label_names[label]
+        if key not in index:
+            raise DataError(f"{origin}: label {key!r} is not one the model knows ({predictor.label_names})")
+        labels.append(index[key])
+    probs = predictor.predict_proba(rows.texts).numpy()
+    labels_array = np.asarray(labels)
+    losses = -np.log(np.clip(probs[np.arange(len(labels)), labels_array], 1e-12, None))
+    metrics = classification_metrics(labels_array, probs, predictor.label_names, loss=float(losses.mean()))
+    predicted = probs.argmax(axis=1)
+    wrong = [
+        {
+            "line": origin,
+            "text": text,
+            "gold": predictor.label_names[gold],
+            "predicted": predictor.label_names[guess],
+            "confidence": round(float(probs[i, guess]), 6),
+        }
+        for i, (text, gold, guess, origin) in enumerate(zip(rows.texts, labels, predicted, rows.origins, strict=True))
+        if gold != guess
+    ]
+    write_jsonl(wrong, misclassified_path)
+    metrics["skipped_rows"] = sum(bad.skipped.values())
+    metrics["misclassified_file"] = str(misclassified_path)
+    return metrics

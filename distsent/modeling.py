@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distsent.config import ModelConfig
 
@@ -15,6 +17,7 @@ log = logging.getLogger(__name__)
 
 PACKAGED_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TINY_BERT = "tiny-bert"
+HEAD_WEIGHTS = "distsent_head.safetensors"
 # Config attributes that hold dropout probabilities, across BERT, RoBERTa, DistilBERT, MPNet.
 DROPOUT_ATTRIBUTES = (
     "hidden_dropout_prob",
@@ -69,37 +72,139 @@ def _apply_dropout(config, dropout: float | None) -> None:
 
 
 def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> torch.nn.Module:
-    """A sequence classifier with `len(label_names)` outputs (one when single_logit)."""
+    """A sequence classifier with `len(label_names)` outputs (one when single_logit).
+
+    Head `cls` is transformers' own *ForSequenceClassification; `mean` and `cnn` put a
+    distsent head (PooledClassifier) on the bare encoder."""
     num_outputs = 1 if cfg.single_logit else len(label_names)
     if cfg.single_logit and len(label_names) != 2:
         raise ValueError(f"model.single_logit needs exactly 2 labels, the data has {len(label_names)}: {label_names}")
+    id2label = dict(enumerate(label_names[-num_outputs:] if cfg.single_logit else label_names))
     label_maps = {
         "num_labels": num_outputs,
-        "id2label": dict(enumerate(label_names[-num_outputs:] if cfg.single_logit else label_names)),
+        "id2label": id2label,
+        "label2id": {name: i for i, name in id2label.items()},
+        # id2label cannot describe a single-logit model's two classes; keep them all here.
+        "distsent_label_names": list(label_names),
+        "distsent_head": cfg.head,
     }
-    label_maps["label2id"] = {name: i for i, name in label_maps["id2label"].items()}
-    # id2label cannot describe a single-logit model's two classes; keep them all here.
-    label_maps["distsent_label_names"] = list(label_names)
-
     if cfg.name == TINY_BERT:
         config = tiny_bert_config(vocab_size)
         config.update(label_maps)
-        _apply_dropout(config, cfg.dropout)
-        config._attn_implementation = cfg.attn_implementation
-        model = AutoModelForSequenceClassification.from_config(config)
+        source = None
     else:
         source = resolve_model_source(cfg.name)
-        config = AutoConfig.from_pretrained(source, revision=cfg.revision, **label_maps)
-        _apply_dropout(config, cfg.dropout)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            config=config,
-            revision=cfg.revision,
-            attn_implementation=cfg.attn_implementation,
-            # A checkpoint fine-tuned for other labels gets a fresh head of the right size.
-            ignore_mismatched_sizes=True,
+        config = AutoConfig.from_pretrained(source, revision=cfg.revision)
+        _log_reheading(config, num_outputs, cfg.head)
+        config.update(label_maps)
+    _apply_dropout(config, cfg.dropout)
+    config._attn_implementation = cfg.attn_implementation
+
+    if cfg.head == "cls":
+        if source is None:
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                config=config,
+                revision=cfg.revision,
+                # A checkpoint fine-tuned for other labels gets a fresh head of the right size.
+                ignore_mismatched_sizes=True,
+            )
+    else:
+        encoder = (
+            AutoModel.from_config(config)
+            if source is None
+            else AutoModel.from_pretrained(source, config=config, revision=cfg.revision)
         )
+        dropout = cfg.dropout if cfg.dropout is not None else getattr(config, "hidden_dropout_prob", 0.1)
+        model = PooledClassifier(encoder, cfg.head, num_outputs, dropout)
     freeze_parameters(model, cfg.freeze)
+    return model
+
+
+def _log_reheading(source_config, num_outputs: int, head: str) -> None:
+    """Say plainly when a fine-tuned classifier's head is replaced."""
+    architectures = getattr(source_config, "architectures", None) or []
+    if not any("ForSequenceClassification" in a for a in architectures):
+        return
+    old = [source_config.id2label[i] for i in sorted(source_config.id2label)]
+    if head != "cls" or len(old) != num_outputs:
+        log.warning(
+            "re-heading: the checkpoint is a %d-label classifier %s; its head is discarded and a new %s head "
+            "with %d output(s) is initialised (classifier weights re-initialised, encoder kept)",
+            len(old),
+            old,
+            head,
+            num_outputs,
+        )
+
+
+class PooledClassifier(torch.nn.Module):
+    """An encoder with a distsent head: masked mean pooling, or 1-D convolutions over the token
+    states with masked max pooling over time (the W266 notebook's CNN head); then dropout and
+    a linear layer. Exported as the encoder's HF folder plus `distsent_head.safetensors`."""
+
+    CNN_KERNEL_SIZES = (2, 3, 4)
+    CNN_CHANNELS = 64
+
+    def __init__(self, encoder, head: str, num_outputs: int, dropout: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.head_type = head
+        hidden = encoder.config.hidden_size
+        self.dropout = torch.nn.Dropout(dropout)
+        if head == "cnn":
+            self.convs = torch.nn.ModuleList(
+                torch.nn.Conv1d(hidden, self.CNN_CHANNELS, k, padding=k // 2) for k in self.CNN_KERNEL_SIZES
+            )
+            features = self.CNN_CHANNELS * len(self.CNN_KERNEL_SIZES)
+        else:
+            features = hidden
+        self.classifier = torch.nn.Linear(features, num_outputs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SequenceClassifierOutput:
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)
+        if self.head_type == "cnn":
+            tokens = states.transpose(1, 2)
+            length = tokens.shape[-1]
+            pooled = []
+            for conv in self.convs:
+                # Even kernels produce one extra position with this padding; trim to the input.
+                feature = torch.relu(conv(tokens))[..., :length]
+                feature = feature.masked_fill(attention_mask.unsqueeze(1) == 0, torch.finfo(feature.dtype).min)
+                pooled.append(feature.max(dim=-1).values)
+            features = torch.cat(pooled, dim=-1)
+        else:
+            features = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(features)))
+
+    def save_pretrained(self, directory, state_dict: dict | None = None, **kwargs) -> None:
+        """The encoder as a transformers folder (its config names the head) plus the head weights."""
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        prefix = "encoder."
+        encoder_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        head_state = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith(prefix)}
+        self.encoder.save_pretrained(directory, state_dict=encoder_state, **kwargs)
+        save_file(head_state, str(Path(directory) / HEAD_WEIGHTS))
+
+
+def load_classifier(directory: str | Path) -> torch.nn.Module:
+    """Load an export of any head: transformers' own classes for `cls`, PooledClassifier otherwise."""
+    config = AutoConfig.from_pretrained(directory)
+    head = getattr(config, "distsent_head", "cls")
+    if head == "cls":
+        return AutoModelForSequenceClassification.from_pretrained(directory)
+    encoder = AutoModel.from_pretrained(directory)
+    model = PooledClassifier(encoder, head, config.num_labels, dropout=0.0)
+    missing, unexpected = model.load_state_dict(load_file(str(Path(directory) / HEAD_WEIGHTS)), strict=False)
+    head_missing = [k for k in missing if not k.startswith("encoder.")]
+    if head_missing or unexpected:
+        raise ValueError(
+            f"{directory}: {HEAD_WEIGHTS} does not match a {head} head (missing {head_missing}, unexpected {unexpected})"
+        )
     return model
 
 

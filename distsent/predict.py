@@ -2,40 +2,46 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
-from distsent.modeling import label_names_of, probabilities
+from distsent.config import read_yaml
+from distsent.data import encode_texts
+from distsent.modeling import label_names_of, load_classifier, probabilities
 
 
 class Predictor:
-    """Loads an export once and classifies batches of texts."""
+    """Loads an export once (any head) and classifies batches of texts the way training saw them."""
 
-    def __init__(self, model_dir: str | Path, device: str | None = None, max_length: int = 512) -> None:
+    def __init__(self, model_dir: str | Path, device: str | None = None) -> None:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: not an exported model (no config.json)")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(self.device).eval()
+        self.model = load_classifier(model_dir).to(self.device).eval()
         self.label_names = label_names_of(self.model.config)
-        self.max_length = min(max_length, self.tokenizer.model_max_length)
+        # Truncate as in training (max_length, head or head+tail) when the export says how.
+        saved = model_dir / "distsent_config.yaml"
+        data = read_yaml(saved.read_text())["data"] if saved.is_file() else {}
+        self.max_length = min(data.get("max_length", 512), self.tokenizer.model_max_length)
+        self.truncation = data.get("truncation", "head")
+        self.head_tokens = data.get("head_tokens", 128)
 
     @torch.no_grad()
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """(N, num_labels) class probabilities, in input order."""
         out = []
         for start in range(0, len(texts), batch_size):
-            encoded = self.tokenizer(
-                texts[start : start + batch_size],
-                truncation=True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(self.device)
-            out.append(probabilities(self.model(**encoded).logits).cpu())
+            ids = encode_texts(
+                texts[start : start + batch_size], self.tokenizer, self.max_length, self.truncation, self.head_tokens
+            )
+            batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out.append(probabilities(logits).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.label_names))
 
     def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
@@ -46,3 +52,10 @@ class Predictor:
             {"text": text, "label": self.label_names[i], "score": round(float(s), 6)}
             for text, i, s in zip(texts, ids.tolist(), scores.tolist(), strict=True)
         ]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")

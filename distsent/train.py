@@ -85,7 +85,9 @@ def build_class_weights(setting, train_labels: list[int], label_names: list[str]
         weights = counts.sum() / (len(label_names) * counts.clamp(min=1))
     else:
         if len(setting) != len(label_names):
-            raise ConfigError(f"train.class_weights has {len(setting)} values for {len(label_names)} labels {label_names}")
+            raise ConfigError(
+                f"train.class_weights has {len(setting)} values for {len(label_names)} labels {label_names}"
+            )
         weights = torch.tensor(setting, dtype=torch.float32)
     log.info("class weights: %s", dict(zip(label_names, [round(w, 4) for w in weights.tolist()], strict=True)))
     return weights.to(device)
@@ -153,7 +155,9 @@ def train(cfg: Config) -> dict:
         # The scheduler is not prepared: accelerate would step it once per process.
         model, optimizer = accelerator.prepare(model, optimizer)
         collator = PadCollator(tokenizer.pad_token_id)
-        class_weights = build_class_weights(cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device)
+        class_weights = build_class_weights(
+            cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device
+        )
 
         state = TrainState()
         fingerprint = run_fingerprint(cfg, world_size)

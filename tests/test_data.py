@@ -1,0 +1,171 @@
+"""Data sources, label filters, cleaning, splits, truncation and every bad-data case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distsent.config import load_config
+from distsent.data import DataError, encode_texts, load_labeled_splits, stratified_split
+from distsent.modeling import build_tokenizer
+from tests.conftest import REPO, TINY, run_cli
+
+SMILE = REPO.parent / "shared" / "data" / "smile" / "smile-annotations-final.csv"
+SMILE_ARGS = [
+    "data.dataset=files",
+    f"data.train_file={SMILE}",
+    "data.has_header=false",
+    "data.column_names=[id, text, category]",
+    "data.label_column=category",
+    "data.drop_multi_label=true",
+    "data.drop_labels=[nocode]",
+]
+
+
+def data_cfg(*overrides: str):
+    return load_config(None, list(overrides)).data
+
+
+def test_smile_filters_leave_six_classes_all_in_train_and_validation():
+    assert SMILE.is_file(), f"{SMILE} is missing: the SMILE data lives in shared/data"
+    splits = load_labeled_splits(data_cfg(*SMILE_ARGS, "data.bad_rows=skip"))
+    assert splits.label_names == ["angry", "disgust", "happy", "not-relevant", "sad", "surprise"]
+    for split in ("train", "validation"):
+        assert set(splits.labels[split]) == set(range(6)), split
+    notes = " ".join(splits.notes)
+    assert "dropped 32 multi-label" in notes and "dropped 1554 listed label" in notes
+    assert "skipped 1 row(s): malformed row" in notes
+
+
+def test_smile_broken_first_record_is_refused_by_default():
+    with pytest.raises(DataError, match=r"smile-annotations-final.csv:1: malformed row: expected 3 fields"):
+        load_labeled_splits(data_cfg(*SMILE_ARGS))
+
+
+def test_rare_class_reaches_every_split():
+    labels = [0] * 500 + [1] * 300 + [2] * 3
+    keep, held = stratified_split(labels, 0.1, seed=1)
+    assert {labels[i] for i in held} == {0, 1, 2} and {labels[i] for i in keep} == {0, 1, 2}
+    assert len(set(keep) | set(held)) == len(labels)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "json", "parquet"])
+def test_every_file_format_with_string_or_int_labels(tmp_path, suffix):
+    rows = [{"review": f"text number {i}", "stars": i % 2} for i in range(40)]
+    path = tmp_path / f"data.{suffix}"
+    if suffix in ("csv", "tsv"):
+        sep = "," if suffix == "csv" else "\t"
+        path.write_text("review" + sep + "stars\n" + "".join(f"{r['review']}{sep}{r['stars']}\n" for r in rows))
+    elif suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    splits = load_labeled_splits(
+        data_cfg(
+            "data.dataset=files",
+            f"data.train_file={path}",
+            "data.text_column=review",
+            "data.label_column=stars",
+            "data.labels=[bad, good]",
+        )
+    )
+    assert splits.label_names == ["bad", "good"]
+    assert sum(splits.sizes().values()) == 40
+
+
+def test_cleaning_and_duplicates_are_counted(tmp_path):
+    path = tmp_path / "imdb.csv"
+    path.write_text(
+        'text,label\n"Great<br /><br />film http://x.y/z",1\n"Great<br /><br />film http://x.y/z",1\n'
+        + "".join(f"t{i},{i % 2}\n" for i in range(30))
+    )
+    cfg = data_cfg(
+        "data.dataset=files",
+        f"data.train_file={path}",
+        "data.strip_html=true",
+        "data.strip_urls=true",
+        "data.lowercase=true",
+        "data.deduplicate=true",
+        "data.validation_fraction=0.2",
+    )
+    splits = load_labeled_splits(cfg)
+    texts = splits.texts["train"] + splits.texts["validation"]
+    assert "great film" in texts and len(texts) == 31
+    assert any("dropped 1 duplicate text" in note for note in splits.notes)
+
+
+def test_head_tail_truncation_keeps_both_ends():
+    tokenizer = build_tokenizer(load_config(None, ["model.name=tiny-bert"]).model)
+    text = "start " + "middle " * 300 + "verdict"
+    ids = encode_texts([text], tokenizer, max_length=32, truncation="head_tail", head_tokens=10)[0]
+    words = tokenizer.decode(ids, skip_special_tokens=True).split()
+    assert len(ids) == 32 and words[0] == "start" and words[-1] == "verdict"
+    head_only = encode_texts([text], tokenizer, max_length=32)[0]
+    assert tokenizer.decode(head_only, skip_special_tokens=True).split()[-1] == "middle"
+
+
+def write(path: Path, content: bytes | str) -> Path:
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+GOOD = "text,label\n" + "".join(f"fine text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+
+
+@pytest.mark.parametrize(
+    "name, content, validation, fragment",
+    [
+        ("missing_column.csv", "review,label\na,pos\n", None, "no column 'text'"),
+        ("empty.csv", "", None, "file is empty"),
+        (
+            "unknown_label.csv",
+            GOOD,
+            "text,label\nok,pos\nodd,neutral\n",
+            "unknown_label_val.csv:3: unknown label: 'neutral'",
+        ),
+        ("bad_row.csv", GOOD + "one,two,three\n", None, "bad_row.csv:42: malformed row: expected 2 fields"),
+        ("bad_bytes.csv", GOOD.encode() + b"caf\xe9 text,pos\n", None, "bad_bytes.csv:42: undecodable"),
+        ("bad.jsonl", '{"text": "a", "label": "pos"}\n{"text": \n', None, "bad.jsonl:2: malformed row: not valid JSON"),
+    ],
+)
+def test_bad_data_names_the_problem_and_keeps_earlier_exports(
+    tmp_path, tiny_export, name, content, validation, fragment
+):
+    path = write(tmp_path / name, content)
+    args = [
+        "train",
+        *TINY,
+        "train.max_steps=2",
+        "data.dataset=files",
+        f"data.train_file={path}",
+        f"output_dir={tiny_export.parent}",
+    ]
+    if validation is not None:
+        args.append(f"data.validation_file={write(tmp_path / name.replace('.csv', '_val.csv'), validation)}")
+    before = (tiny_export / "model.safetensors").read_bytes()
+    result = run_cli(*args, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert fragment in result.stderr
+    assert (tiny_export / "model.safetensors").read_bytes() == before
+
+
+def test_bad_rows_skip_mode_counts_them(tmp_path):
+    path = write(tmp_path / "mixed.csv", GOOD.encode() + b"caf\xe9,pos\nx,y,z\n")
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", "data.bad_rows=skip"))
+    assert sum(splits.sizes().values()) == 40
+    assert any("skipped 1 row(s): malformed row" in n for n in splits.notes)
+    assert any("skipped 1 row(s): undecodable" in n for n in splits.notes)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    run_cli("train", *TINY, "train.max_steps=4", f"output_dir={out}")
+    return out / "final"

@@ -1,0 +1,133 @@
+"""Heads (cls, mean, cnn, single-logit BCE), freezing, re-heading, evaluate == predict, class weights, early stop."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from distsent.config import load_config
+from distsent.data import load_labeled_splits
+from distsent.modeling import build_model, build_tokenizer, load_classifier
+from tests.conftest import TINY, read_summary, run_cli
+
+HEADS = {
+    "cls": ["model.head=cls"],
+    "mean": ["model.head=mean"],
+    "cnn": ["model.head=cnn"],
+    "single_logit": ["model.single_logit=true"],
+    "mean_single_logit": ["model.head=mean", "model.single_logit=true"],
+}
+
+
+@pytest.fixture(scope="module")
+def heldout_file(tmp_path_factory) -> Path:
+    """A labelled CSV of validation texts (101 rows), as a user would bring."""
+    cfg = load_config(None, TINY)
+    splits = load_labeled_splits(cfg.data)
+    path = tmp_path_factory.mktemp("heldout") / "heldout.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        for text, label in zip(splits.texts["validation"], splits.labels["validation"], strict=True):
+            writer.writerow([text, splits.label_names[label]])
+    return path
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_head_trains_exports_reloads_and_predicts(tmp_path, heldout_file, name):
+    out = tmp_path / name
+    run_cli("train", *TINY, *HEADS[name], "train.max_steps=12", f"output_dir={out}")
+    export = out / "final"
+    model = load_classifier(export).eval()
+    assert (model.config.num_labels == 1) == ("single_logit" in name)
+    # The export predicts exactly what the trained model scored on validation.
+    report = json.loads(
+        run_cli(
+            "evaluate",
+            "--model",
+            str(export),
+            "--data",
+            str(heldout_file),
+            "--text-column",
+            "review",
+            "--label-column",
+            "sentiment",
+        ).stdout
+    )
+    in_training = read_summary(out)["eval"]
+    assert report["num_examples"] == 101
+    assert report["accuracy"] == pytest.approx(in_training["accuracy"], abs=1e-9)
+    assert report["loss"] == pytest.approx(in_training["loss"], abs=1e-4)
+    # evaluate's accuracy equals what predict says on the same rows.
+    predicted = tmp_path / "predicted.jsonl"
+    run_cli(
+        "predict",
+        "--model",
+        str(export),
+        "--file",
+        str(heldout_file),
+        "--text-column",
+        "review",
+        "--output",
+        str(predicted),
+    )
+    rows = [json.loads(line) for line in predicted.read_text().splitlines()]
+    gold = [r["sentiment"] for r in csv.DictReader(heldout_file.open())]
+    assert len(rows) == 101
+    assert sum(r["label"] == g for r, g in zip(rows, gold, strict=True)) / 101 == pytest.approx(report["accuracy"])
+    misclassified = [json.loads(line) for line in Path(report["misclassified_file"]).read_text().splitlines()]
+    assert len(misclassified) == round((1 - report["accuracy"]) * 101)
+    assert set(misclassified[0]) >= {"text", "gold", "predicted", "confidence"} if misclassified else True
+    if name == "cls":
+        AutoModelForSequenceClassification.from_pretrained(export)  # plain transformers loads the cls head
+
+
+def test_freezing_by_name_pattern():
+    cfg = load_config(None, ["model.name=tiny-bert", "model.freeze=[embeddings., encoder.layer.0.]"])
+    model = build_model(cfg.model, ["a", "b"], len(build_tokenizer(cfg.model)))
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any("embeddings." in n for n in frozen) and any("encoder.layer.0." in n for n in frozen)
+    assert not any("encoder.layer.1." in n or "classifier" in n for n in frozen)
+    with pytest.raises(ValueError, match="match no parameter"):
+        build_model(
+            load_config(None, ["model.name=tiny-bert", "model.freeze=[nothing_like_this]"]).model, ["a", "b"], 30522
+        )
+
+
+def test_reheading_a_three_label_classifier(tmp_path, caplog):
+    three = tmp_path / "three"
+    cfg = load_config(None, ["model.name=tiny-bert"])
+    model = build_model(cfg.model, ["negative", "neutral", "positive"], len(build_tokenizer(cfg.model)))
+    model.save_pretrained(three)
+    build_tokenizer(cfg.model).save_pretrained(three)
+    out = tmp_path / "two"
+    result = run_cli("train", *TINY, f"model.name={three}", "train.max_steps=4", f"output_dir={out}")
+    assert "re-heading: the checkpoint is a 3-label classifier" in result.stderr + result.stdout
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert reloaded.config.id2label == {0: "negative", 1: "positive"}
+    encoder_before = model.state_dict()["bert.encoder.layer.0.attention.self.query.weight"]
+    assert torch.allclose(
+        encoder_before, reloaded.state_dict()["bert.encoder.layer.0.attention.self.query.weight"], atol=0.05
+    )
+
+
+def test_class_weights_and_early_stopping_target(tmp_path):
+    out = tmp_path / "weighted"
+    result = run_cli(
+        "train",
+        *TINY,
+        "train.class_weights=balanced",
+        "train.max_steps=40",
+        "train.eval_every_steps=4",
+        "train.early_stopping_target=0.0",
+        f"output_dir={out}",
+    )
+    assert "class weights" in result.stderr
+    summary = read_summary(out)
+    assert summary["global_step"] == 4 and "reached the target" in summary["stopped_early"]
+    assert (out / "final" / "model.safetensors").is_file()
