@@ -1,0 +1,29 @@
+"""Smoke test of the benchmark script: every contender runs and reports well-formed numbers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_compare_trainer_reports_every_contender(tmp_path):
+    output = tmp_path / "bench.jsonl"
+    command = [sys.executable, "bench/compare_trainer.py", "--model", "tiny-bert", "--epochs", "0.25",
+               "--max-train-samples", "256", "--max-eval-samples", "64", "--output", str(output)]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert lines[0]["name"] == "gemm_peak" and lines[0]["bf16_flops"] > 0 and "compare_trainer.py" in lines[0]["command"]
+    contenders = {line["name"]: line for line in lines[1:] if not line["name"].startswith("ratio")}
+    assert set(contenders) == {"distsent", "trainer_defaults", "trainer_bf16", "trainer_bf16_grouped"}
+    for line in contenders.values():
+        for key in ("tokens_per_second", "examples_per_second", "train_seconds", "peak_rss_mib", "mfu_vs_bf16_peak"):
+            assert line[key] > 0, (line["name"], key)
+        assert 0 <= line["accuracy"] <= 1
+    assert sum(line["name"].startswith("ratio") for line in lines) == 3
+    assert "MFU = tokens/s x FLOPs/token" in result.stdout
