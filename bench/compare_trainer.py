@@ -124,7 +124,11 @@ def run_trainer(args: argparse.Namespace, bf16: bool, group_by_length: bool) -> 
 
     def encode(split: str) -> datasets.Dataset:
         data = datasets.Dataset.from_dict({"text": splits.texts[split], "label": splits.labels[split]})
-        return data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True, remove_columns=["text"])
+        return data.map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length),
+            batched=True,
+            remove_columns=["text"],
+        )
 
     train_set, eval_set = encode("train"), encode("validation")
     if args.model == "tiny-bert":
@@ -155,7 +159,9 @@ def run_trainer(args: argparse.Namespace, bf16: bool, group_by_length: bool) -> 
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer))
+        trainer = Trainer(
+            model=model, args=training_args, train_dataset=train_set, data_collator=DataCollatorWithPadding(tokenizer)
+        )
         result = trainer.train()
         predictions = trainer.predict(eval_set)
     seconds = result.metrics["train_runtime"]
@@ -210,12 +216,20 @@ def main(argv: list[str] | None = None) -> int:
     lines = [{"name": "gemm_peak", "bf16_flops": peaks["bf16"], "fp32_flops": peaks["fp32"], "command": command}]
     print(json.dumps(lines[0]), flush=True)
     results = {}
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--output")]
+    # The workload settings, as flags for each contender's subprocess.
+    forwarded = [
+        f"--{key.replace('_', '-')}={value}"
+        for key, value in vars(args).items()
+        if value is not None and key not in ("output", "run_one", "contenders")
+    ]
     for name in args.contenders.split(","):
         if name not in CONTENDERS:
             raise SystemExit(f"unknown contender {name!r}; choose from {', '.join(CONTENDERS)}")
         process = subprocess.run(
-            [sys.executable, __file__, *forwarded, "--run-one", name], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+            [sys.executable, __file__, *forwarded, "--run-one", name],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parents[1],
         )
         line = next((row for row in process.stdout.splitlines() if row.startswith("RESULT ")), None)
         if process.returncode != 0 or line is None:
@@ -238,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             lines.append(ratio)
             print(json.dumps(ratio), flush=True)
-    print(f"MFU = tokens/s x FLOPs/token / bf16 GEMM peak; {results[next(iter(results))]['flops_formula']}" if results else "")
+    print(
+        f"MFU = tokens/s x FLOPs/token / bf16 GEMM peak; {results[next(iter(results))]['flops_formula']}"
+        if results
+        else ""
+    )
     if args.output:
         Path(args.output).write_text("".join(json.dumps(line) + "\n" for line in lines))
     return 0

@@ -228,6 +228,18 @@ def rollback_history(output_dir: Path, step: int) -> int:
     return len(lines) - len(kept)
 
 
+def archive_history(output_dir: Path) -> Path | None:
+    """Move an earlier run's metrics.jsonl aside so a fresh run starts its own history."""
+    from distsent.tracking import METRICS_FILE
+
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    archived = path.with_name(f"metrics.before-{int(path.stat().st_mtime)}.jsonl")
+    path.rename(archived)
+    return archived
+
+
 def load_checkpoint(accelerator, path: Path) -> None:
     """Restore model, optimizer, grad scaler and this rank's RNG state from `path`. Collective."""
     verify_no_arbitrary_pickles(path)

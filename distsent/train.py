@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from distsent.batching import PadCollator, TrainBatchPlan
 from distsent.checkpoint import (
+    archive_history,
     export_model,
     load_checkpoint,
     read_checkpoint_payload,
@@ -169,6 +170,10 @@ def train(cfg: Config) -> dict:
             state = TrainState(**payload["state"])
             if accelerator.is_main_process:
                 rollback_history(output_dir, state.global_step)
+        elif accelerator.is_main_process:
+            archived = archive_history(output_dir)
+            if archived:
+                log.warning("a fresh run in an existing folder: earlier metrics moved to %s", archived)
 
         run_logger = RunLogger(
             cfg,
@@ -336,10 +341,11 @@ def train(cfg: Config) -> dict:
                     raise Preempted(f"stopped at step {state.global_step} on {watcher.received}; checkpoint written")
                 if state.global_step >= total_steps or epoch_done or state.stopped_early:
                     break
+                # The next step's clock starts here: evaluation and checkpointing are not training time.
+                step_start = time.perf_counter()
             if state.stopped_early:
                 log.info("early stop at step %d: %s", state.global_step, state.stopped_early)
                 break
-                step_start = time.perf_counter()
 
         export_model(
             accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final"

@@ -13,12 +13,26 @@ pytestmark = pytest.mark.slow
 
 def test_compare_trainer_reports_every_contender(tmp_path):
     output = tmp_path / "bench.jsonl"
-    command = [sys.executable, "bench/compare_trainer.py", "--model", "tiny-bert", "--epochs", "0.25",
-               "--max-train-samples", "256", "--max-eval-samples", "64", "--output", str(output)]
+    command = [
+        sys.executable,
+        "bench/compare_trainer.py",
+        "--model",
+        "tiny-bert",
+        "--epochs",
+        "0.25",
+        "--max-train-samples",
+        "256",
+        "--max-eval-samples",
+        "64",
+        "--output",
+        str(output),
+    ]
     result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [json.loads(line) for line in output.read_text().splitlines()]
-    assert lines[0]["name"] == "gemm_peak" and lines[0]["bf16_flops"] > 0 and "compare_trainer.py" in lines[0]["command"]
+    assert (
+        lines[0]["name"] == "gemm_peak" and lines[0]["bf16_flops"] > 0 and "compare_trainer.py" in lines[0]["command"]
+    )
     contenders = {line["name"]: line for line in lines[1:] if not line["name"].startswith("ratio")}
     assert set(contenders) == {"distsent", "trainer_defaults", "trainer_bf16", "trainer_bf16_grouped"}
     for line in contenders.values():
