@@ -33,7 +33,7 @@ def _events(output_dir: Path) -> list[dict]:
 
 def learning_curves(events: list[dict], target: Path, metric: str) -> Path:
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
-    evals = [e for e in events if e["event"] == "eval"]
+    evals = [e for e in events if e["event"] == "eval" and e.get("split", "validation") == "validation"]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         loss_axis.plot(*zip(*train, strict=True), label="train loss")
@@ -93,7 +93,7 @@ def write_plots(output_dir: Path, metric: str = "accuracy") -> list[Path]:
     written = [learning_curves(events, folder / "learning_curves.png", metric)]
     predictions_path = output_dir / PREDICTIONS_FILE
     predictions = json.loads(predictions_path.read_text()) if predictions_path.is_file() else None
-    evals = [e for e in events if e["event"] == "eval" and "confusion_matrix" in e]
+    evals = [e for e in events if e["event"] == "eval" and e.get("split") == "validation" and "confusion_matrix" in e]
     if evals and predictions:
         written.append(
             confusion_matrix_plot(

@@ -367,6 +367,13 @@ def train(cfg: Config) -> dict:
             "stopped_early": state.stopped_early,
             "eval": state.last_metrics,
         }
+        if "test" in splits.texts:
+            # The held-out test split is scored once, by the final model, never used for selection.
+            test_set = tokenize(splits.texts["test"], splits.labels["test"], tokenizer, cfg.data)
+            summary["test"], _ = evaluate(
+                model, test_set, accelerator, cfg.train.eval_batch_size, tokenizer.pad_token_id, label_names
+            )
+            run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, summary["test"], split="test")
         if accelerator.is_main_process:
             (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             if last_predictions is not None:

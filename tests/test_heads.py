@@ -116,6 +116,17 @@ def test_reheading_a_three_label_classifier(tmp_path, caplog):
     )
 
 
+def test_optional_test_split_is_scored_by_the_final_model(tmp_path):
+    out = tmp_path / "with_test"
+    run_cli(
+        "train", *TINY, "data.max_eval_samples=50", "data.test_fraction=0.1", "train.max_steps=4", f"output_dir={out}"
+    )
+    summary = read_summary(out)
+    assert summary["test"]["num_examples"] == 853 and summary["eval"]["num_examples"] == 50
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["split"] for e in events if e["event"] == "eval"][-1] == "test"
+
+
 def test_class_weights_and_early_stopping_target(tmp_path):
     out = tmp_path / "weighted"
     result = run_cli(
