@@ -67,7 +67,8 @@ class BadRows:
     def report(self, origin: str, problem: str) -> None:
         if self.mode == "error":
             raise DataError(f"{origin}: {problem} (set data.bad_rows=skip to drop such rows)")
-        self.skipped[problem.split(":")[0]] = self.skipped.get(problem.split(":")[0], 0) + 1
+        kind = problem.split(":")[0]
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
 
     def notes(self) -> list[str]:
         return [f"skipped {count} row(s): {problem}" for problem, count in self.skipped.items()]
@@ -112,7 +113,7 @@ def _read_hub(cfg: DataConfig, split: str) -> Rows:
     return Rows(list(dataset[cfg.text_column]), list(labels), [f"{where}#{i + 1}" for i in range(len(labels))], where)
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def _decode(raw: bytes) -> str:
     # surrogateescape keeps undecodable bytes visible per row instead of failing the file.
     return raw.decode("utf-8-sig", errors="surrogateescape")
 
@@ -122,7 +123,7 @@ def _has_undecodable(text: str) -> bool:
 
 
 def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
-    text = _decode(path, path.read_bytes())
+    text = _decode(path.read_bytes())
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_SUFFIXES[path.suffix.lower()])
     if cfg.has_header:
         header = next(reader, None)
@@ -149,7 +150,7 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
 
 
 def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
-    text = _decode(path, path.read_bytes())
+    text = _decode(path.read_bytes())
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -268,7 +269,7 @@ def _clean_and_filter(rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str
     return kept
 
 
-def _label_key(label, label_names: list[str] | None) -> str:
+def label_key(label, label_names: list[str] | None) -> str:
     """The label's name. Integer labels (or digit strings from CSV) index configured names
     (`labels: [negative, positive]` with 0/1 data) unless they are names themselves."""
     key = str(label)
@@ -281,7 +282,7 @@ def _label_key(label, label_names: list[str] | None) -> str:
 def _label_names(labels: list, configured: list[str] | None) -> list[str]:
     if configured:
         return list(configured)
-    unique = {_label_key(label, None) for label in labels}
+    unique = {label_key(label, None) for label in labels}
     if all(name.lstrip("-").isdigit() for name in unique):
         return sorted(unique, key=int)
     return sorted(unique)
@@ -291,7 +292,7 @@ def _to_ids(rows: Rows, label_names: list[str], bad: BadRows) -> tuple[list[str]
     index = {name: i for i, name in enumerate(label_names)}
     texts, ids = [], []
     for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
-        key = _label_key(label, label_names)
+        key = label_key(label, label_names)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one of the training labels {label_names}")
             continue

@@ -101,7 +101,7 @@ def evaluate_file(model_dir: Path, data_cfg, misclassified_path: Path) -> dict:
     """Metrics of an export on a labelled file (every row, in order), and its misclassified rows.
 
     The file is read with the same readers and bad-row policy as training data."""
-    from distsent.data import BadRows, read_file
+    from distsent.data import BadRows, label_key, read_file
     from distsent.predict import Predictor, write_jsonl
 
     predictor = Predictor(model_dir)
@@ -110,9 +110,7 @@ def evaluate_file(model_dir: Path, data_cfg, misclassified_path: Path) -> dict:
     index = {name: i for i, name in enumerate(predictor.label_names)}
     labels = []
     for label, origin in zip(rows.labels, rows.origins, strict=True):
-        key = str(label)
-        if key not in index and isinstance(label, int) and 0 <= label < len(predictor.label_names):
-            key = predictor.label_names[label]
+        key = label_key(label, predictor.label_names)
         if key not in index:
             raise DataError(f"{origin}: label {key!r} is not one the model knows ({predictor.label_names})")
         labels.append(index[key])
