@@ -54,5 +54,12 @@ class PreemptionWatcher:
         return stop
 
     def restore(self) -> None:
+        """Put the previous handlers back, unless this run is stopping on preemption.
+
+        When one rank exits with EXIT_PREEMPTED first, torchrun (and srun) SIGTERM the other
+        ranks. Those have written their checkpoint part and are only tearing down; dying on
+        that SIGTERM would turn a clean, requeueable exit into a kill. So a stopping process
+        ignores the signals it watched until it exits (SIGKILL still works).
+        """
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if self.requested else handler)

@@ -33,11 +33,27 @@ def test_compare_trainer_reports_every_contender(tmp_path):
     assert (
         lines[0]["name"] == "gemm_peak" and lines[0]["bf16_flops"] > 0 and "compare_trainer.py" in lines[0]["command"]
     )
-    contenders = {line["name"]: line for line in lines[1:] if not line["name"].startswith("ratio")}
+    reports = {"mfu", "summary"}
+    contenders = {
+        line["name"]: line for line in lines[1:] if not line["name"].startswith("ratio") and line["name"] not in reports
+    }
     assert set(contenders) == {"distsent", "trainer_defaults", "trainer_bf16", "trainer_bf16_grouped"}
     for line in contenders.values():
         for key in ("tokens_per_second", "examples_per_second", "train_seconds", "peak_rss_mib", "mfu_vs_bf16_peak"):
             assert line[key] > 0, (line["name"], key)
         assert 0 <= line["accuracy"] <= 1
-    assert sum(line["name"].startswith("ratio") for line in lines) == 3
-    assert "MFU = tokens/s x FLOPs/token" in result.stdout
+    ratios = {line["name"] for line in lines if line["name"].startswith("ratio")}
+    assert ratios == {f"ratio distsent/{name}" for name in [*contenders, "trainer_best"] if name != "distsent"}
+    (summary,) = [line for line in lines if line["name"] == "summary"]
+    assert summary["trainer_best"] in contenders and set(summary["targets_met"]) == {
+        "mfu_bf16",
+        "vs_trainer_best",
+        "vs_trainer_defaults",
+    }
+    mfu_lines = [line for line in lines if line["name"] == "mfu"]
+    assert {line["contender"] for line in mfu_lines} == set(contenders)
+    assert all("FLOPs/token = 6 x N + 12 x L x H x S" in line["formula"] for line in mfu_lines)
+    for name, line in contenders.items():
+        # MFU is model FLOP/s over the measured bf16 peak, from the reported token rate.
+        expected = line["tokens_per_second"] * line["flops_per_token"] / lines[0]["bf16_flops"]
+        assert line["mfu_vs_bf16_peak"] == pytest.approx(expected, rel=1e-6), name
