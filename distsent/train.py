@@ -26,6 +26,7 @@ from distsent.checkpoint import (
     save_checkpoint,
 )
 from distsent.config import Config, ConfigError, TrainConfig, save_config
+from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
 from distsent.data import load_labeled_splits, tokenize
 from distsent.distributed import build_accelerator, default_resume_mode, model_construction_context, read_launch_info
 from distsent.evaluate import evaluate
@@ -124,6 +125,9 @@ def train(cfg: Config) -> dict:
                 log.warning("removed %s, left by an interrupted checkpoint write", partial)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        on_cpu = accelerator.device.type == "cpu"
+        if on_cpu:
+            keep_freed_memory()
         set_seed(cfg.train.seed)
 
         tokenizer = build_tokenizer(cfg.model)
@@ -149,6 +153,8 @@ def train(cfg: Config) -> dict:
 
         with model_construction_context(accelerator):
             model = build_model(cfg.model, label_names, len(tokenizer))
+        if on_cpu:
+            use_cpu_dropout(model)
         trainable, frozen = parameter_counts(model)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.
         fused = accelerator.device.type in ("cpu", "cuda")
