@@ -116,6 +116,9 @@ class DataConfig:
     """Long texts keep their first tokens (`head`) or their first head_tokens and last tokens (`head_tail`)."""
     head_tokens: int = 128
     """With truncation=head_tail: tokens kept from the start; the rest of max_length comes from the end."""
+    cache_tokenized: bool = True
+    """Keep tokenised splits as Arrow files in the datasets cache (HF_DATASETS_CACHE), named by a
+    fingerprint of the texts, labels, tokenizer and truncation settings; reruns load them."""
     validation_fraction: float = 0.1
     """Fraction held out (stratified, seeded) as validation when the source has no validation split."""
     test_fraction: float = 0.0
@@ -198,6 +201,9 @@ class TrainConfig:
     """Loss weights per class: `balanced` (inverse frequency in the training data) or one number per label."""
     threads: int | None = None
     """CPU threads per process for torch; None lets torch decide."""
+    compile: bool = False
+    """torch.compile each encoder layer (inductor, dynamic shapes). The first steps wait for
+    the compiler; on a 2-core CPU we measured no gain for MiniLM (bench/RESULTS.md)."""
     resume: str | None = None
     """`auto` (newest complete checkpoint, else start fresh), `none`, or a checkpoint folder.
     Unset: auto inside a Slurm job, none elsewhere."""

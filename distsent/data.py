@@ -8,6 +8,7 @@ Tokenisation happens once, batched, through `datasets.map`; batching lives in ba
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -412,12 +413,48 @@ def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
     return full[:start], full[start + len(bare) :]
 
 
+# Part of every tokenised-cache fingerprint: bump it when encode_texts changes its output.
+TOKENIZED_FORMAT = 1
+
+
 def tokenize(texts: list[str], labels: list[int], tokenizer, cfg: DataConfig) -> datasets.Dataset:
-    """Tokenise once, without padding (batches pad to their own longest text)."""
+    """Tokenise once, without padding (batches pad to their own longest text).
+
+    With data.cache_tokenized the result is an Arrow file named by `tokenized_fingerprint`:
+    reruns, resumed runs and the other ranks (which wait for rank 0) load it instead of
+    tokenising again. datasets writes it to a temporary file and renames it, so a run killed
+    mid-write leaves no partial cache behind."""
     dataset = datasets.Dataset.from_dict({"text": texts, "label": labels})
 
     def encode(batch: dict) -> dict:
         input_ids = encode_texts(batch["text"], tokenizer, cfg.max_length, cfg.truncation, cfg.head_tokens)
         return {"input_ids": input_ids, "length": [len(ids) for ids in input_ids]}
 
-    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"])
+    cache = {}
+    if cfg.cache_tokenized:
+        fingerprint = tokenized_fingerprint(texts, labels, tokenizer, cfg)
+        cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "distsent-tokenized"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = {"cache_file_name": str(cache_dir / f"{fingerprint}.arrow"), "new_fingerprint": fingerprint}
+    return dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"], **cache)
+
+
+def tokenized_fingerprint(texts: list[str], labels: list[int], tokenizer, cfg: DataConfig) -> str:
+    """A digest of everything that decides the token ids and labels of a tokenised split."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    # A fast tokenizer serialises completely (vocabulary, normaliser, special tokens); a
+    # slow one is identified by its class and vocabulary. Truncation and padding are left
+    # out: they are whatever the last call set, and encode_texts passes its own.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        state = tokenizer.get_vocab()
+    identity = json.dumps(state, sort_keys=True)
+    digest.update(f"{type(tokenizer).__name__}\0{identity}".encode())
+    settings = [cfg.max_length, cfg.truncation, cfg.head_tokens, TOKENIZED_FORMAT]
+    digest.update(json.dumps(settings).encode())
+    return digest.hexdigest()[:32]

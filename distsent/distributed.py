@@ -122,7 +122,7 @@ def resolve_mixed_precision(requested: str, info: LaunchInfo) -> str:
 def build_accelerator(cfg: Config, info: LaunchInfo):
     """The Accelerator for this process, with precision and accumulation from the run config."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
     precision = resolve_mixed_precision(cfg.train.mixed_precision, info)
     kwargs_handlers = []
@@ -132,11 +132,18 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
         # rarely installed, and report world size 1; gloo is always there.
         kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
         use_cpu = False
+    # Left None, accelerate takes torch.compile settings from the launch config, if any.
+    dynamo_plugin = None
+    if cfg.train.compile:
+        # Regional compilation compiles one encoder layer and reuses it for the others:
+        # the same speed as compiling the whole model, in a fraction of the compile time.
+        dynamo_plugin = TorchDynamoPlugin(backend="inductor", dynamic=True, use_regional_compilation=True)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         kwargs_handlers=kwargs_handlers,
+        dynamo_plugin=dynamo_plugin,
     )
     if accelerator.num_processes != info.world_size:
         raise RuntimeError(

@@ -153,7 +153,8 @@ def train(cfg: Config) -> dict:
 
         with model_construction_context(accelerator):
             model = build_model(cfg.model, label_names, len(tokenizer))
-        if on_cpu:
+        if on_cpu and not cfg.train.compile:
+            # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
         trainable, frozen = parameter_counts(model)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.

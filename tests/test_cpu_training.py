@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from distsent.config import ModelConfig
-from distsent.cpu_training import CpuDropout, keep_freed_memory, use_cpu_dropout
+from distsent.cpu_training import CPU_TRAINING_ATTENTION, CpuDropout, cpu_dropout, keep_freed_memory, use_cpu_dropout
 from distsent.modeling import build_model
 
 
@@ -59,6 +59,53 @@ def test_swap_replaces_every_dropout_and_keeps_the_weights():
     assert not any(type(module) is nn.Dropout for module in model.modules())
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def tiny_pair():
+    """Two copies of one tiny-bert: one left as built (SDPA), one with distsent's CPU dropout."""
+    torch.manual_seed(0)
+    reference = build_model(ModelConfig(name="tiny-bert"), ["neg", "pos"], vocab_size=1000)
+    fast = build_model(ModelConfig(name="tiny-bert"), ["neg", "pos"], vocab_size=1000)
+    fast.load_state_dict(reference.state_dict())
+    use_cpu_dropout(fast)
+    return reference, fast
+
+
+def test_attention_is_routed_and_eval_matches_sdpa_exactly():
+    reference, fast = tiny_pair()
+    assert reference.config._attn_implementation == "sdpa"
+    assert fast.config._attn_implementation == CPU_TRAINING_ATTENTION
+    ids = torch.randint(5, 1000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[:2, 7:] = 0
+    with torch.no_grad():
+        expected = reference.eval()(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(fast.eval()(input_ids=ids, attention_mask=mask).logits, expected)
+
+
+def test_training_attention_ignores_padding_and_drops_probabilities():
+    _, fast = tiny_pair()
+    fast.train()
+    ids = torch.randint(5, 1000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[:, 8:] = 0
+    other_padding = ids.clone()
+    other_padding[:, 8:] = 3
+    runs = []
+    for tokens in (ids, other_padding):
+        torch.manual_seed(4)  # the same dropout masks for both
+        runs.append(fast(input_ids=tokens, attention_mask=mask).logits)
+    # What sits under the padding cannot reach the real tokens, dropout or not.
+    assert torch.allclose(runs[0], runs[1], atol=1e-6)
+    torch.manual_seed(5)
+    assert not torch.allclose(fast(input_ids=ids, attention_mask=mask).logits, runs[0])
+
+
+def test_functional_dropout_keeps_the_expectation():
+    torch.manual_seed(6)
+    probabilities = torch.full((200, 64, 64), 1 / 64)
+    dropped = cpu_dropout(probabilities, 0.1)
+    assert abs(dropped.sum(-1).mean().item() - 1) < 2e-3
 
 
 def test_glibc_keeps_freed_memory():

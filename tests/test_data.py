@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 
 from distsent.config import load_config
-from distsent.data import DataError, encode_texts, load_labeled_splits, stratified_split
+from distsent.data import (
+    DataError,
+    encode_texts,
+    load_labeled_splits,
+    stratified_split,
+    tokenize,
+    tokenized_fingerprint,
+)
 from distsent.modeling import build_tokenizer
 from tests.conftest import REPO, TINY, run_cli
 
@@ -109,6 +117,46 @@ def test_head_tail_truncation_keeps_both_ends():
     assert len(ids) == 32 and words[0] == "start" and words[-1] == "verdict"
     head_only = encode_texts([text], tokenizer, max_length=32)[0]
     assert tokenizer.decode(head_only, skip_special_tokens=True).split()[-1] == "middle"
+
+
+class CountingTokenizer:
+    """A tokenizer that counts how often it is asked to encode."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_tokenised_splits_are_cached_by_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
+    cfg = load_config(None, ["model.name=tiny-bert"])
+    tokenizer = CountingTokenizer(build_tokenizer(cfg.model))
+    texts, labels = [f"review number {i} was fine and long enough to be cut" for i in range(50)], [i % 2 for i in range(50)]
+    first = tokenize(texts, labels, tokenizer, cfg.data)
+    assert tokenizer.calls > 0
+    calls = tokenizer.calls
+    again = tokenize(texts, labels, tokenizer, cfg.data)
+    assert tokenizer.calls == calls, "the second tokenisation should have loaded the cache"
+    assert again["input_ids"] == first["input_ids"] and again["label"] == labels
+    assert again.cache_files[0]["filename"].startswith(str(tmp_path / "distsent-tokenized"))
+    # Anything that changes the ids or labels changes the fingerprint.
+    base = tokenized_fingerprint(texts, labels, tokenizer, cfg.data)
+    shorter = load_config(None, ["model.name=tiny-bert", "data.max_length=8"]).data
+    assert tokenized_fingerprint(texts, labels, tokenizer, shorter) != base
+    assert tokenized_fingerprint(texts[:-1] + ["changed"], labels, tokenizer, cfg.data) != base
+    assert tokenized_fingerprint(texts, labels[::-1], tokenizer, cfg.data) != base
+    short = tokenize(texts, labels, tokenizer, shorter)
+    assert tokenizer.calls > calls and max(short["length"]) == 8
+    # Turned off, nothing is written.
+    off = load_config(None, ["model.name=tiny-bert", "data.cache_tokenized=false", "data.max_length=9"]).data
+    tokenize(texts, labels, tokenizer, off)
+    assert len(list((tmp_path / "distsent-tokenized").glob("*.arrow"))) == 2
 
 
 def write(path: Path, content: bytes | str) -> Path:

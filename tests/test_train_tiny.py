@@ -79,3 +79,16 @@ def test_predict_prints_one_json_per_text(tiny_run: Path):
 def test_tiny_bert_is_small(tiny_run: Path):
     size_mb = (tiny_run / "final" / "model.safetensors").stat().st_size / 2**20
     assert size_mb < 5
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path: Path):
+    # fp32 and no dropout, so compiled and eager runs differ only by kernel rounding.
+    common = [*TINY, "model.dropout=0.0", "train.max_steps=6", "train.eval_every_epoch=false"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_cli("train", *common, f"output_dir={eager}")
+    result = run_cli("train", *common, "train.compile=true", f"output_dir={compiled}")
+    assert read_summary(compiled)["global_step"] == 6, result.stderr[-2000:]
+    a, b = load_file(eager / "final" / "model.safetensors"), load_file(compiled / "final" / "model.safetensors")
+    assert a.keys() == b.keys()  # no _orig_mod. prefixes from the compiled wrapper
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
