@@ -39,13 +39,15 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
     # Every rank takes part: under ZeRO-3 this gathers the partitioned parameters.
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        # fp32 on disk whatever the training precision, so any consumer loads it as-is.
+        # fp32 on disk whatever the training precision, so any consumer loads it as-is; and
+        # without the `_orig_mod.` that torch.compile wrappers (train.compile) put in names.
         state_dict = {
-            name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()
+            name.replace("_orig_mod.", ""): tensor.float() if tensor.is_floating_point() else tensor
+            for name, tensor in state_dict.items()
         }
         staging = staging_dir(target)
         staging.parent.mkdir(parents=True, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / EXPORT_CONFIG_NAME)
