@@ -90,14 +90,20 @@ def cpu_training_attention(module, query, key, value, attention_mask, dropout=0.
     if dropout == 0.0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:  # True = attend
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:  # additive
-            scores = scores + attention_mask
-    probabilities = cpu_dropout(torch.softmax(scores, dim=-1), dropout)
-    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), None
+    output_dtype = query.dtype
+    # In fp32 like SDPA's CPU math path (bf16 softmax costs accuracy); these matmuls are
+    # ~1% of the model's FLOPs at review lengths.
+    with torch.autocast(query.device.type, enabled=False):
+        query, key, value = query.float(), key.float(), value.float()
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:  # True = attend
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            else:  # additive
+                scores = scores + attention_mask.float()
+        probabilities = cpu_dropout(torch.softmax(scores, dim=-1), dropout)
+        output = torch.matmul(probabilities, value).to(output_dtype)
+    return output.transpose(1, 2).contiguous(), None
 
 
 def use_cpu_dropout(model: nn.Module) -> int:

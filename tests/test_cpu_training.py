@@ -7,7 +7,14 @@ import torch
 from torch import nn
 
 from distsent.config import ModelConfig
-from distsent.cpu_training import CPU_TRAINING_ATTENTION, CpuDropout, cpu_dropout, keep_freed_memory, use_cpu_dropout
+from distsent.cpu_training import (
+    CPU_TRAINING_ATTENTION,
+    CpuDropout,
+    cpu_dropout,
+    cpu_training_attention,
+    keep_freed_memory,
+    use_cpu_dropout,
+)
 from distsent.modeling import build_model
 
 
@@ -99,6 +106,21 @@ def test_training_attention_ignores_padding_and_drops_probabilities():
     assert torch.allclose(runs[0], runs[1], atol=1e-6)
     torch.manual_seed(5)
     assert not torch.allclose(fast(input_ids=ids, attention_mask=mask).logits, runs[0])
+
+
+def test_training_attention_is_fp32_math_with_the_dropout_mask():
+    torch.manual_seed(7)
+    query, key, value = (torch.randn(2, 3, 5, 8).bfloat16() for _ in range(3))
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    mask[0, :, :, 3:] = False
+    torch.manual_seed(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = cpu_training_attention(None, query, key, value, mask, dropout=0.2, scaling=0.5)
+    torch.manual_seed(8)  # the same draws, so the same mask
+    keep = cpu_dropout(torch.ones(2, 3, 5, 5), 0.2)
+    scores = (query.float() @ key.float().transpose(2, 3) * 0.5).masked_fill(~mask, torch.finfo(torch.float32).min)
+    expected = ((scores.softmax(-1) * keep) @ value.float()).bfloat16().transpose(1, 2)
+    assert output.dtype == torch.bfloat16 and torch.equal(output, expected)
 
 
 def test_functional_dropout_keeps_the_expectation():

@@ -137,7 +137,10 @@ def test_tokenised_splits_are_cached_by_fingerprint(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path))
     cfg = load_config(None, ["model.name=tiny-bert"])
     tokenizer = CountingTokenizer(build_tokenizer(cfg.model))
-    texts, labels = [f"review number {i} was fine and long enough to be cut" for i in range(50)], [i % 2 for i in range(50)]
+    texts, labels = (
+        [f"review number {i} was fine and long enough to be cut" for i in range(50)],
+        [i % 2 for i in range(50)],
+    )
     first = tokenize(texts, labels, tokenizer, cfg.data)
     assert tokenizer.calls > 0
     calls = tokenizer.calls
