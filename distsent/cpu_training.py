@@ -31,7 +31,7 @@ _M_MMAP_MAX = -4
 
 
 def keep_freed_memory() -> bool:
-    """Serve every allocation from the heap and never return freed heap to the kernel.
+    """For the rest of the process, serve allocations from the heap and keep what is freed.
 
     With mmap disabled, glibc retries a failed thread-arena allocation in the main arena, so
     no request fails for it; the cost is that RSS stays at its high-water mark, which a
