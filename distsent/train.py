@@ -317,12 +317,14 @@ def train(cfg: Config) -> dict:
                         "lr": scheduler.get_last_lr()[0],
                         "epoch": round(state.global_step / steps_per_epoch, 4),
                         "tokens_per_second": tokens_sum / elapsed,
+                        # Every rank's micro-batches are full: the sampler drops incomplete global batches.
+                        "examples_per_second": state.window_micro_batches * cfg.train.batch_size * world_size / elapsed,
                     }
                     if grad_norm is not None:
                         values["grad_norm"] = float(grad_norm)
                     state.last_train_loss = values["loss"]
                     run_logger.log_train(state.global_step, values)
-                    run_logger.advance(0, loss=values["loss"], lr=values["lr"])
+                    run_logger.advance(0, loss=values["loss"], lr=values["lr"], tok_s=values["tokens_per_second"])
                     state.train_tokens += tokens_sum
                     window_loss.zero_()
                     window_tokens.zero_()

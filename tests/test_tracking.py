@@ -50,7 +50,8 @@ def test_two_processes_make_exactly_one_wandb_run(two_process_run):
     (run_dir,) = offline_runs(two_process_run)
     run = read_offline_run(run_dir)
     keys = set().union(*run["history"])
-    assert {"train/loss", "train/lr", "validation/accuracy"} <= keys
+    throughput = {"train/grad_norm", "train/tokens_per_second", "train/examples_per_second"}
+    assert {"train/loss", "train/lr", "validation/accuracy", *throughput} <= keys
     losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
     jsonl = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
     assert losses == [e["loss"] for e in jsonl if e["event"] == "train"]  # the all-rank mean, as logged
