@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from distsent.config import Config
@@ -21,6 +23,14 @@ log = logging.getLogger("distsent")
 METRICS_FILE = "metrics.jsonl"
 # Nested per-class tables and matrices go to metrics.jsonl but not to the console line.
 CONSOLE_SKIP = ("per_class", "confusion_matrix")
+
+
+def peak_memory_mib(device) -> float:
+    """This process's peak: memory allocated on a CUDA device, else resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 class RunLogger:

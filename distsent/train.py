@@ -35,7 +35,7 @@ from distsent.modeling import build_model, build_tokenizer, classification_loss,
 from distsent.optim import build_optimizer
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher
-from distsent.tracking import RunLogger
+from distsent.tracking import RunLogger, peak_memory_mib
 
 log = logging.getLogger("distsent")
 
@@ -372,6 +372,8 @@ def train(cfg: Config) -> dict:
             "train_tokens": state.train_tokens,
             "train_tokens_per_second": state.train_tokens / state.train_seconds,
             "train_examples_per_second": state.global_step * plan.global_batch_size / state.train_seconds,
+            # Rank 0's peak; a resumed run counts from its own start.
+            "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
             "best_metric": {"name": cfg.train.best_metric, "value": state.best_value, "step": state.best_step},
             "stopped_early": state.stopped_early,
             "eval": state.last_metrics,

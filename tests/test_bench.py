@@ -57,3 +57,22 @@ def test_compare_trainer_reports_every_contender(tmp_path):
         # MFU is model FLOP/s over the measured bf16 peak, from the reported token rate.
         expected = line["tokens_per_second"] * line["flops_per_token"] / lines[0]["bf16_flops"]
         assert line["mfu_vs_bf16_peak"] == pytest.approx(expected, rel=1e-6), name
+
+
+def test_gpu_throughput_script_runs_on_cpu_and_reports_mfu(tmp_path):
+    """The bert-base GPU benchmark, shrunk to a tiny BERT on CPU: the real train path, real numbers."""
+    output = tmp_path / "gpu.jsonl"
+    command = [sys.executable, "bench/gpu_throughput.py", "--model-size", "tiny", "--seq-lengths", "32,64"]
+    command += ["--batch-size", "4", "--steps", "6", "--log-every", "2", "--precision", "no"]
+    command += ["--workdir", str(tmp_path / "work"), "--output", str(output)]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    peak, *runs = [json.loads(line) for line in output.read_text().splitlines()]
+    assert peak["name"] == "gemm_peak" and peak["device"] == "cpu" and peak["bf16_flops"] > 0
+    assert [run["seq_len"] for run in runs] == [32, 64]
+    for run in runs:
+        assert run["windows"] == 2 and run["tokens_per_second"] > 0 and run["peak_memory_mib"] > 0
+        # Every text fills the sequence: tokens per example is the sequence length.
+        assert run["tokens_per_second"] / run["examples_per_second"] == pytest.approx(run["seq_len"])
+        expected = run["tokens_per_second"] * run["flops_per_token"] / peak["bf16_flops"]
+        assert run["mfu_vs_bf16_peak"] == pytest.approx(expected, rel=1e-6)

@@ -25,6 +25,8 @@ def test_summary_has_the_contract_keys(tiny_run: Path):
     assert summary["global_batch_size"] == 8
     assert summary["train_seconds"] > 0
     assert summary["train_tokens_per_second"] > 0
+    # A Python process with torch and a model loaded holds well over 100 MiB resident.
+    assert 100 < summary["peak_memory_mib"] < 20_000
     assert summary["eval"]["num_examples"] == 101
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert summary["best_metric"]["name"] == "accuracy"
