@@ -20,7 +20,7 @@ from distsent.data import (
 from distsent.modeling import build_tokenizer
 from tests.conftest import REPO, TINY, run_cli
 
-SMILE = REPO.parent / "shared" / "data" / "smile" / "smile-annotations-final.csv"
+SMILE = REPO / "tests" / "data" / "smile" / "smile-annotations-final.csv"
 SMILE_ARGS = [
     "data.dataset=files",
     f"data.train_file={SMILE}",
@@ -37,7 +37,7 @@ def data_cfg(*overrides: str):
 
 
 def test_smile_filters_leave_six_classes_all_in_train_and_validation():
-    assert SMILE.is_file(), f"{SMILE} is missing: the SMILE data lives in shared/data"
+    assert SMILE.is_file(), f"{SMILE} is missing: the repository keeps a copy of the SMILE data there"
     splits = load_labeled_splits(data_cfg(*SMILE_ARGS, "data.bad_rows=skip"))
     assert splits.label_names == ["angry", "disgust", "happy", "not-relevant", "sad", "surprise"]
     for split in ("train", "validation"):
