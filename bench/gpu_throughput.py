@@ -4,8 +4,8 @@
     python bench/gpu_throughput.py --launch-file launch/accelerate/zero2.yaml   # the same under ZeRO-2
     python bench/gpu_throughput.py --model-size tiny --seq-lengths 32 --steps 6 --log-every 2   # CPU smoke run
 
-For each sequence length it writes a random bert-base (uncased WordPiece vocabulary, 110M
-parameters: weights over 64 MiB cannot travel to the GPU machines, so they are made there) and
+It writes one random bert-base (uncased WordPiece vocabulary, 110M parameters: weights over
+64 MiB cannot travel to the GPU machines, so they are made there) and, for each sequence length,
 a CSV of random-word texts at least that many tokens long, then runs the real
 `python -m distsent train` (or `accelerate launch --config_file FILE -m distsent train`) on
 them with bf16. Every text fills the sequence, so every token is a real token. Throughput is
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from compare_trainer import machine_description, model_flops, parameter_breakdown
+from compare_trainer import gemm_peak, machine_description, model_flops, parameter_breakdown
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SIZES = {
@@ -54,24 +54,21 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def gemm_peak(device: str, size: int = 8192, repeats: int = 10) -> dict[str, float]:
-    """Best-of square matmul throughput through torch on `device`, bf16 and fp32, in FLOP/s."""
+def cuda_gemm_peak(size: int = 8192, repeats: int = 10) -> dict[str, float]:
+    """Best-of square matmul throughput on the GPU, bf16 and fp32, in FLOP/s (synchronised:
+    CUDA kernels run asynchronously, so the clock stops only when the product is done)."""
     import torch
 
-    if device == "cpu":
-        size, repeats = 2048, 3
     peaks = {}
     for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a = torch.randn(size, size, dtype=dtype, device=device)
-        b = torch.randn(size, size, dtype=dtype, device=device)
+        a = torch.randn(size, size, dtype=dtype, device="cuda")
+        b = torch.randn(size, size, dtype=dtype, device="cuda")
         best = 0.0
         for _ in range(repeats + 1):  # the first is a warm-up
-            if device == "cuda":
-                torch.cuda.synchronize()
+            torch.cuda.synchronize()
             start = time.perf_counter()
             a @ b
-            if device == "cuda":
-                torch.cuda.synchronize()
+            torch.cuda.synchronize()
             best = max(best, 2 * size**3 / (time.perf_counter() - start))
         peaks[label] = best
     return peaks
@@ -157,9 +154,18 @@ def main() -> int:
     machine = machine_description()
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name()
-    peaks = gemm_peak(device)
-    records = [{"name": "gemm_peak", "device": device, "bf16_flops": peaks["bf16"], "fp32_flops": peaks["fp32"]}]
-    records[0].update({"machine": machine, "command": command})
+    # On CPU, the same peak measurement as compare_trainer.py.
+    peaks = cuda_gemm_peak() if device == "cuda" else gemm_peak(torch.get_num_threads())
+    records = [
+        {
+            "name": "gemm_peak",
+            "device": device,
+            "bf16_flops": peaks["bf16"],
+            "fp32_flops": peaks["fp32"],
+            "machine": machine,
+            "command": command,
+        }
+    ]
     print(json.dumps(records[0]), flush=True)
 
     model_dir = workdir / f"bert-{args.model_size}-random"
