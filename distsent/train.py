@@ -126,8 +126,7 @@ def train(cfg: Config) -> dict:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         on_cpu = accelerator.device.type == "cpu"
-        if on_cpu:
-            keep_freed_memory()
+        kept_freed_memory = on_cpu and cfg.train.cpu_keep_freed_memory and keep_freed_memory()
         set_seed(cfg.train.seed)
 
         tokenizer = build_tokenizer(cfg.model)
@@ -201,6 +200,9 @@ def train(cfg: Config) -> dict:
                     f"{accelerator.distributed_type.value}, {world_size} process(es) on {accelerator.device.type}"
                 ),
                 "precision": accelerator.mixed_precision,
+                "cpu memory": (
+                    "freed memory kept for reuse (train.cpu_keep_freed_memory)" if kept_freed_memory else "-"
+                ),
                 "global batch": (
                     f"{plan.global_batch_size} = {cfg.train.batch_size} per process x {world_size} processes "
                     f"x {cfg.train.grad_accum_steps} accumulation"

@@ -14,7 +14,8 @@ from tests.conftest import TINY, read_summary, run_cli
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "run"
-    run_cli("train", *TINY, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}")
+    result = run_cli("train", *TINY, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}")
+    (out.parent / "stdout.txt").write_text(result.stdout)
     return out
 
 
@@ -31,6 +32,16 @@ def test_summary_has_the_contract_keys(tiny_run: Path):
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert summary["best_metric"]["name"] == "accuracy"
     assert (tiny_run / "config.yaml").is_file()
+
+
+def test_cpu_freed_memory_is_kept_unless_turned_off(tiny_run: Path, tmp_path: Path):
+    assert "freed memory kept for reuse" in (tiny_run.parent / "stdout.txt").read_text()
+    result = run_cli(
+        "train", *TINY, "train.max_steps=2", "train.cpu_keep_freed_memory=false", f"output_dir={tmp_path / 'run'}"
+    )
+    banner = next(line for line in result.stdout.splitlines() if line.strip().startswith("cpu memory"))
+    assert banner.split() == ["cpu", "memory", "-"], banner
+    assert read_summary(tmp_path / "run")["global_step"] == 2
 
 
 @pytest.mark.parametrize("which", ["best", "final"])
