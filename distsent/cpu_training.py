@@ -93,18 +93,22 @@ def cpu_training_attention(module, query, key, value, attention_mask, dropout=0.
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     output_dtype = query.dtype
     # In fp32 like SDPA's CPU math path (bf16 softmax costs accuracy); these matmuls are
-    # ~1% of the model's FLOPs at review lengths.
+    # ~1% of the model's FLOPs at review lengths, so what costs here is copying. Each input
+    # is cast and made contiguous in one copy, which matmul then uses without another.
     with torch.autocast(query.device.type, enabled=False):
-        query, key, value = query.float(), key.float(), value.float()
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        query, key, value = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (query, key, value))
+        # Scaling the query, not the scores: d_head elements per position instead of seq_len.
+        scores = torch.matmul(query * scaling, key.transpose(2, 3))
         if attention_mask is not None:
             if attention_mask.dtype == torch.bool:  # True = attend
-                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+                # In place: matmul's backward needs its inputs, not its output.
+                scores.masked_fill_(attention_mask.logical_not(), torch.finfo(scores.dtype).min)
             else:  # additive
                 scores = scores + attention_mask.float()
         probabilities = cpu_dropout(torch.softmax(scores, dim=-1), dropout)
-        output = torch.matmul(probabilities, value).to(output_dtype)
-    return output.transpose(1, 2).contiguous(), None
+        output = torch.matmul(probabilities, value)
+    # [batch, heads, seq, d_head] to the [batch, seq, heads, d_head] callers expect, cast in the same copy.
+    return output.transpose(1, 2).to(output_dtype, memory_format=torch.contiguous_format), None
 
 
 def use_cpu_dropout(model: nn.Module) -> int:
