@@ -1,8 +1,7 @@
-"""Two costs of CPU training that are not matrix multiplies, and what removes them.
+"""Costs of CPU training that are not the model's big matrix multiplies, and what removes them.
 
 Profiling MiniLM-L6 fine-tuning with bf16 autocast on a 2-core CPU (bench/RESULTS.md) showed
-GEMMs at ~85% of the machine's bf16 peak but only ~half of each step. Two other items were
-over a fifth of the step between them:
+GEMMs at ~85% of the machine's bf16 peak but only ~half of each step. Three other items:
 
 - Page faults. glibc hands allocations over 32 MiB (the word-embedding gradient is 47 MB)
   back to the kernel on free, so every step faults them in again page by page; smaller
@@ -12,12 +11,15 @@ over a fifth of the step between them:
   `use_cpu_dropout` applies it to the model's dropout layers and, through a registered
   attention function, to attention-probability dropout (where torch's CPU SDPA, given a
   dropout, falls back to its math path and `bernoulli_` anyway).
-"""
+- Attention with dropout. SDPA's math path computes it all in fp32, and small fp32 batched
+  products are slow on CPU: at 256 tokens it took ~40% of an IMDB step. The registered
+  attention function keeps fp32 only where FlashAttention does (`_AttentionWithDropout`)."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import platform
 
 import torch
@@ -48,19 +50,24 @@ def keep_freed_memory() -> bool:
 _DRAW_LEVELS = 2**16
 
 
-def cpu_dropout(hidden: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout, 3-4x faster than torch's on CPU, same p, same scaling.
+def dropout_keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A dropout mask: 0 where an element drops (probability p), 1 / (1 - p) where it stays.
 
-    Masks come from torch's default generator, so seeding and checkpointed RNG state make
-    them reproducible exactly as nn.Dropout's are."""
-    count = hidden.numel()
+    Drawn from torch's default generator, so seeding and checkpointed RNG state make it
+    reproducible exactly as nn.Dropout's masks are."""
+    count = math.prod(shape)
     # random_ over the full int64 range makes all 64 bits uniform, so each int16 lane is.
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=hidden.device).random_(-(2**63), 2**63 - 1)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
     # A draw is uniform over the int16 range; it keeps the element if at or above this.
     keep_from = -(_DRAW_LEVELS // 2) + round(p * _DRAW_LEVELS)
-    keep = words.view(torch.int16)[:count].view(hidden.shape) >= keep_from
+    keep = words.view(torch.int16)[:count].view(shape) >= keep_from
     # Converting bool to a float type takes a scalar path; uint8, same bytes, is vectorised (~8x).
-    return hidden * keep.view(torch.uint8).to(hidden.dtype).mul_(1 / (1 - p))
+    return keep.view(torch.uint8).to(dtype).mul_(1 / (1 - p))
+
+
+def cpu_dropout(hidden: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout, 3-4x faster than torch's on CPU, same p, same scaling."""
+    return hidden * dropout_keep_mask(hidden.shape, p, hidden.dtype, hidden.device)
 
 
 class CpuDropout(nn.Module):
@@ -83,32 +90,70 @@ class CpuDropout(nn.Module):
 CPU_TRAINING_ATTENTION = "distsent_cpu_training"
 
 
+class _AttentionWithDropout(torch.autograd.Function):
+    """dropout(softmax(query key^T x scaling + mask)) value, with FlashAttention's precision.
+
+    Of the six matrix products (two forward, four backward), the two whose results feed the
+    softmax or its gradient, the scores and dP = d(output) value^T, are computed in fp32 from
+    upcast inputs: rounding scores to bf16 costs accuracy. The other four take the probabilities
+    or dS in the inputs' precision, with fp32 accumulation, and yield tensors that are in that
+    precision anyway (output, and the gradients of query, key and value): on CPU a bf16 batched
+    product is ~3x faster than an fp32 one at 256 tokens. With fp32 inputs, all six are fp32."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, scaling, keep):
+        high = torch.promote_types(query.dtype, torch.float32)
+        # Scaling the query, not the scores: d_head elements per position instead of seq_len.
+        scores = torch.matmul(
+            query.to(high, memory_format=torch.contiguous_format) * scaling,
+            key.to(high, memory_format=torch.contiguous_format).transpose(2, 3),
+        )
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:  # True = attend; made additive, as
+                # broadcasting an add over the scores is ~2.5x faster than a masked fill.
+                blocked = attention_mask.logical_not()
+                attention_mask = scores.new_zeros(blocked.shape).masked_fill_(blocked, torch.finfo(high).min)
+            scores += attention_mask.to(high)
+        probabilities = torch.softmax(scores, dim=-1)
+        # Multiplied and rounded to the inputs' precision in one pass.
+        dropped = torch.mul(probabilities, keep, out=torch.empty_like(probabilities, dtype=value.dtype))
+        ctx.save_for_backward(query, key, value, probabilities, keep, dropped)
+        ctx.scaling = scaling
+        return torch.matmul(dropped, value)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, probabilities, keep, dropped = ctx.saved_tensors
+        high = probabilities.dtype
+        grad_value = torch.matmul(dropped.transpose(2, 3), grad_output)
+        # dP x scaling, by scaling the [batch, heads, seq, d_head] value rather than dP: the
+        # softmax gradient is linear, so what comes out is dS x scaling, the gradient with
+        # respect to the unscaled products, which is rounded once.
+        scaled_value = value.to(high) * ctx.scaling
+        grad_dropped = torch.matmul(grad_output.to(high), scaled_value.transpose(2, 3))
+        grad_scores = torch._softmax_backward_data(grad_dropped.mul_(keep), probabilities, -1, high).to(query.dtype)
+        grad_query = torch.matmul(grad_scores, key)
+        grad_key = torch.matmul(grad_scores.transpose(2, 3), query)
+        return grad_query, grad_key, grad_value, None, None, None
+
+
 def cpu_training_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA, except with attention dropout (training): then the same math SDPA's CPU fallback
-    runs, with the mask from `cpu_dropout`."""
+    """SDPA, except with attention dropout (training): then `_AttentionWithDropout`, with the
+    mask from `dropout_keep_mask` (SDPA's CPU kernels, given a dropout, fall back to their math
+    path and `bernoulli_`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if dropout == 0.0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
-    output_dtype = query.dtype
-    # In fp32 like SDPA's CPU math path (bf16 softmax costs accuracy); these matmuls are
-    # ~1% of the model's FLOPs at review lengths, so what costs here is copying. Each input
-    # is cast and made contiguous in one copy, which matmul then uses without another.
+    batch, heads, length = query.shape[:3]
+    high = torch.promote_types(query.dtype, torch.float32)
+    keep = dropout_keep_mask((batch, heads, length, key.size(2)), dropout, high, query.device)
+    # Autocast off: the function picks each product's precision itself.
     with torch.autocast(query.device.type, enabled=False):
-        query, key, value = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (query, key, value))
-        # Scaling the query, not the scores: d_head elements per position instead of seq_len.
-        scores = torch.matmul(query * scaling, key.transpose(2, 3))
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:  # True = attend
-                # In place: matmul's backward needs its inputs, not its output.
-                scores.masked_fill_(attention_mask.logical_not(), torch.finfo(scores.dtype).min)
-            else:  # additive
-                scores = scores + attention_mask.float()
-        probabilities = cpu_dropout(torch.softmax(scores, dim=-1), dropout)
-        output = torch.matmul(probabilities, value)
-    # [batch, heads, seq, d_head] to the [batch, seq, heads, d_head] callers expect, cast in the same copy.
-    return output.transpose(1, 2).to(output_dtype, memory_format=torch.contiguous_format), None
+        output = _AttentionWithDropout.apply(query, key, value, attention_mask, scaling, keep)
+    # [batch, heads, seq, d_head] to the [batch, seq, heads, d_head] callers expect.
+    return output.transpose(1, 2).contiguous(), None
 
 
 def use_cpu_dropout(model: nn.Module) -> int:

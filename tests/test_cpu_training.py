@@ -1,4 +1,5 @@
-"""CpuDropout behaves as nn.Dropout does (rate, scaling, gradient, eval, seeding); glibc keeps freed memory."""
+"""CpuDropout behaves as nn.Dropout does (rate, scaling, gradient, eval, seeding); training attention
+is the math it claims, in the precision it claims; glibc keeps freed memory."""
 
 import platform
 
@@ -10,8 +11,10 @@ from distsent.config import ModelConfig
 from distsent.cpu_training import (
     CPU_TRAINING_ATTENTION,
     CpuDropout,
+    _AttentionWithDropout,
     cpu_dropout,
     cpu_training_attention,
+    dropout_keep_mask,
     keep_freed_memory,
     use_cpu_dropout,
 )
@@ -108,19 +111,55 @@ def test_training_attention_ignores_padding_and_drops_probabilities():
     assert not torch.allclose(fast(input_ids=ids, attention_mask=mask).logits, runs[0])
 
 
-def test_training_attention_is_fp32_math_with_the_dropout_mask():
+def padding_mask(batch: int, length: int) -> torch.Tensor:
+    mask = torch.ones(batch, 1, length, length, dtype=torch.bool)  # True = attend
+    mask[0, :, :, length // 2 :] = False
+    return mask
+
+
+def reference_attention(query, key, value, mask, scaling, keep):
+    """The same attention by plain autograd, in the inputs' dtype."""
+    scores = (query @ key.transpose(2, 3) * scaling).masked_fill(~mask, torch.finfo(query.dtype).min)
+    return (scores.softmax(-1) * keep) @ value
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_training_attention_gradients_are_exact_in_float64(additive):
     torch.manual_seed(7)
-    query, key, value = (torch.randn(2, 3, 5, 8).bfloat16() for _ in range(3))
-    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool)
-    mask[0, :, :, 3:] = False
+    query, key, value = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = padding_mask(2, 5)
+    if additive:  # transformers' other mask form: 0 to attend, a large negative number not to
+        mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
+    keep = dropout_keep_mask((2, 3, 5, 5), 0.3, torch.float64, torch.device("cpu"))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: _AttentionWithDropout.apply(q, k, v, mask, 0.7, keep), (query, key, value)
+    )
+
+
+def test_training_attention_in_bf16_stays_close_to_fp32_where_bf16_scores_would_not():
+    torch.manual_seed(7)
+    # Large activations make scores large, where rounding them to bf16 visibly moves the softmax.
+    leaves = [(4 * torch.randn(2, 3, 16, 8)).bfloat16().requires_grad_() for _ in range(3)]
+    mask, grad_output = padding_mask(2, 16), torch.randn(2, 16, 3, 8)
     torch.manual_seed(8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        output, _ = cpu_training_attention(None, query, key, value, mask, dropout=0.2, scaling=0.5)
-    torch.manual_seed(8)  # the same draws, so the same mask
-    keep = cpu_dropout(torch.ones(2, 3, 5, 5), 0.2)
-    scores = (query.float() @ key.float().transpose(2, 3) * 0.5).masked_fill(~mask, torch.finfo(torch.float32).min)
-    expected = ((scores.softmax(-1) * keep) @ value.float()).bfloat16().transpose(1, 2)
-    assert output.dtype == torch.bfloat16 and torch.equal(output, expected)
+        output, _ = cpu_training_attention(None, *leaves, mask, dropout=0.2, scaling=8**-0.5)
+    output.backward(grad_output.bfloat16())
+    assert output.dtype == torch.bfloat16 and output.shape == (2, 16, 3, 8)
+    torch.manual_seed(8)  # the same draws, so the same dropout mask
+    keep = dropout_keep_mask((2, 3, 16, 16), 0.2, torch.float32, torch.device("cpu"))
+    upcast = [leaf.detach().float().requires_grad_() for leaf in leaves]
+    expected = reference_attention(*upcast, mask, 8**-0.5, keep).transpose(1, 2)
+    expected.backward(grad_output)
+    bf16_scores = reference_attention(*leaves, mask, 8**-0.5, keep.bfloat16()).transpose(1, 2)
+
+    def error(tensor, reference):
+        return ((tensor.float() - reference).norm() / reference.norm()).item()
+
+    assert error(output, expected) < 4e-3  # bf16 rounding of the output: 2^-9 relative at most
+    assert error(output, expected) < error(bf16_scores, expected) / 2
+    for leaf, reference in zip(leaves, upcast, strict=True):
+        assert leaf.grad.dtype == torch.bfloat16 and error(leaf.grad, reference.grad) < 5e-3
 
 
 def test_functional_dropout_keeps_the_expectation():
