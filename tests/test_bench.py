@@ -76,3 +76,16 @@ def test_gpu_throughput_script_runs_on_cpu_and_reports_mfu(tmp_path):
         assert run["tokens_per_second"] / run["examples_per_second"] == pytest.approx(run["seq_len"])
         expected = run["tokens_per_second"] * run["flops_per_token"] / peak["bf16_flops"]
         assert run["mfu_vs_bf16_peak"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_attention_benchmark_times_both_and_reports_per_length():
+    command = [sys.executable, "bench/attention.py", "--lengths", "8", "16", "--batch", "4", "--rounds", "1"]
+    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = result.stdout.splitlines()
+    records = [json.loads(line) for line in lines[:-1]]
+    assert [record["length"] for record in records] == [8, 16]
+    for record in records:
+        assert record["distsent_ms"] > 0 and record["sdpa_math_ms"] > 0
+        assert record["speedup"] == pytest.approx(record["sdpa_math_ms"] / record["distsent_ms"], rel=0.01)
+    assert lines[-1].startswith("command:") and "attention.py" in lines[-1]
