@@ -21,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from distsent.cpu_training import cpu_training_attention, keep_freed_memory
+
 HEADS, HEAD_SIZE, DROPOUT = 12, 32, 0.1
 
 
@@ -34,8 +36,6 @@ def inputs(batch: int, length: int):
 
 
 def distsent_step(leaves, mask, grad):
-    from distsent.cpu_training import cpu_training_attention
-
     query, key, value = (t.unflatten(-1, (HEADS, HEAD_SIZE)).transpose(1, 2) for t in leaves)
     output, _ = cpu_training_attention(None, query, key, value, mask, dropout=DROPOUT, scaling=HEAD_SIZE**-0.5)
     output.backward(grad)
@@ -66,8 +66,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from distsent.cpu_training import keep_freed_memory
-
     keep_freed_memory()  # as distsent's CPU training runs; the SDPA peer gains from it too
     for length in args.lengths:
         tensors = inputs(args.batch, length)

@@ -102,7 +102,7 @@ class _AttentionWithDropout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, attention_mask, scaling, keep):
-        high = torch.promote_types(query.dtype, torch.float32)
+        high = keep.dtype  # the caller draws the mask in the computation's precision
         # Scaling the query, not the scores: d_head elements per position instead of seq_len.
         scores = torch.matmul(
             query.to(high, memory_format=torch.contiguous_format) * scaling,
