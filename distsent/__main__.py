@@ -8,9 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
-from distsent.checkpoint import CheckpointError
+# Only the light modules at import time: `train` may re-execute itself before torch is loaded.
+from distsent.allocator import use_tcmalloc
 from distsent.config import ConfigError
-from distsent.data import DataError
 
 EXIT_USAGE = 2
 
@@ -64,6 +64,8 @@ def _read_texts(path: Path, text_column: str) -> list[str]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet file."""
     if path.suffix.lower() == ".txt":
         if not path.is_file():
+            from distsent.data import DataError
+
             raise DataError(f"{path}: file not found")
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     from distsent.config import DataConfig
@@ -161,6 +163,15 @@ def _configure_logging(rank: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train" and argv is None:
+        # Only as the process's own command line: re-execution repeats sys.orig_argv.
+        try:
+            use_tcmalloc()
+        except ConfigError as error:
+            print(f"distsent: config error: {error}", file=sys.stderr)
+            return EXIT_USAGE
+    from distsent.checkpoint import CheckpointError
+    from distsent.data import DataError
     from distsent.distributed import prepare_environment
 
     info = prepare_environment()

@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
+from distsent.allocator import ALLOCATOR_ENV, active_allocator
 from distsent.batching import PadCollator, TrainBatchPlan
 from distsent.checkpoint import (
     archive_history,
@@ -126,7 +127,9 @@ def train(cfg: Config) -> dict:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         on_cpu = accelerator.device.type == "cpu"
-        kept_freed_memory = on_cpu and cfg.train.cpu_keep_freed_memory and keep_freed_memory()
+        allocator = active_allocator()
+        # tcmalloc keeps freed memory itself; glibc must be told to.
+        kept_freed_memory = on_cpu and allocator == "system" and cfg.train.cpu_keep_freed_memory and keep_freed_memory()
         set_seed(cfg.train.seed)
 
         tokenizer = build_tokenizer(cfg.model)
@@ -200,8 +203,9 @@ def train(cfg: Config) -> dict:
                     f"{accelerator.distributed_type.value}, {world_size} process(es) on {accelerator.device.type}"
                 ),
                 "precision": accelerator.mixed_precision,
-                "cpu memory": (
-                    "freed memory kept for reuse (train.cpu_keep_freed_memory)" if kept_freed_memory else "-"
+                "allocator": (
+                    f"{allocator} ({ALLOCATOR_ENV})"
+                    + (", freed memory kept for reuse (train.cpu_keep_freed_memory)" if kept_freed_memory else "")
                 ),
                 "global batch": (
                     f"{plan.global_batch_size} = {cfg.train.batch_size} per process x {world_size} processes "
@@ -370,6 +374,7 @@ def train(cfg: Config) -> dict:
             "global_batch_size": plan.global_batch_size,
             "mixed_precision": accelerator.mixed_precision,
             "distributed_type": accelerator.distributed_type.value,
+            "allocator": allocator,
             "train_seconds": round(state.train_seconds, 3),
             "train_tokens": state.train_tokens,
             "train_tokens_per_second": state.train_tokens / state.train_seconds,

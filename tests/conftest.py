@@ -30,12 +30,16 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m distsent ARGS`, captured; fails the test with the output when check is set."""
+def run_cli(
+    *args: str, check: bool = True, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m distsent ARGS`, captured; fails the test with the output when check is set.
+
+    `env` adds to (or replaces) the variables of `cli_env()`."""
     result = subprocess.run(
         [sys.executable, "-m", "distsent", *args],
         cwd=REPO,
-        env=cli_env(),
+        env={**cli_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -34,14 +34,37 @@ def test_summary_has_the_contract_keys(tiny_run: Path):
     assert (tiny_run / "config.yaml").is_file()
 
 
-def test_cpu_freed_memory_is_kept_unless_turned_off(tiny_run: Path, tmp_path: Path):
-    assert "freed memory kept for reuse" in (tiny_run.parent / "stdout.txt").read_text()
-    result = run_cli(
-        "train", *TINY, "train.max_steps=2", "train.cpu_keep_freed_memory=false", f"output_dir={tmp_path / 'run'}"
+def banner_value(stdout: str, key: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.strip().startswith(key + " "))
+    return line.strip()[len(key) :].strip()
+
+
+def test_cpu_training_runs_on_tcmalloc_by_default(tiny_run: Path):
+    from distsent.allocator import find_tcmalloc
+
+    if find_tcmalloc() is None:
+        pytest.fail("no libtcmalloc on this machine: `make install` installs libtcmalloc-minimal4 when run as root")
+    assert read_summary(tiny_run)["allocator"] == "tcmalloc"
+    assert banner_value((tiny_run.parent / "stdout.txt").read_text(), "allocator") == "tcmalloc (DISTSENT_ALLOCATOR)"
+
+
+def test_system_allocator_keeps_freed_memory_unless_turned_off(tmp_path: Path):
+    system = {"DISTSENT_ALLOCATOR": "system"}
+    kept = run_cli("train", *TINY, "train.max_steps=2", f"output_dir={tmp_path / 'kept'}", env=system)
+    assert banner_value(kept.stdout, "allocator") == (
+        "system (DISTSENT_ALLOCATOR), freed memory kept for reuse (train.cpu_keep_freed_memory)"
     )
-    banner = next(line for line in result.stdout.splitlines() if line.strip().startswith("cpu memory"))
-    assert banner.split() == ["cpu", "memory", "-"], banner
-    assert read_summary(tmp_path / "run")["global_step"] == 2
+    assert read_summary(tmp_path / "kept")["allocator"] == "system"
+    off = run_cli(
+        "train",
+        *TINY,
+        "train.max_steps=2",
+        "train.cpu_keep_freed_memory=false",
+        f"output_dir={tmp_path / 'off'}",
+        env=system,
+    )
+    assert banner_value(off.stdout, "allocator") == "system (DISTSENT_ALLOCATOR)"
+    assert read_summary(tmp_path / "off")["global_step"] == 2
 
 
 @pytest.mark.parametrize("which", ["best", "final"])
