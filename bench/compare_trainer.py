@@ -9,14 +9,17 @@ Contenders (`--contenders`, comma-separated):
   trainer_defaults      transformers.Trainer at its defaults: fp32, random batches padded by DataCollatorWithPadding
   trainer_bf16          the same with bf16=True (the Trainer's own bf16 autocast)
   trainer_bf16_grouped  bf16 plus train_sampling_strategy="group_by_length" (transformers 5's group_by_length)
+  trainer_bf16_grouped_tcmalloc   the same with tcmalloc preloaded, the allocator distsent runs on by default
+                        (distsent/allocator.py): shows how much of distsent's lead is the allocator
 
 Every contender trains in its own subprocess (so its peak RSS, read with os.wait4, is its own), on the
 identical train/validation texts (distsent's loader and seeded stratified validation split, tokenised by
 distsent's tokenize), from the identical initial weights (distsent's build_model after set_seed), with
 the identical optimizer-step count, warmup, learning rate, weight decay, clipping, batch size and seed.
 Validation accuracy is computed the same way for all: the trained fp32 weights, argmax of the logits on
-the same validation set. The Trainer's "best" is its fastest setting whose accuracy is within 0.01 of its
-defaults.
+the same validation set. The Trainer's "best" is its fastest setting (TrainingArguments, so not the
+tcmalloc run) whose accuracy is within 0.01 of its defaults. distsent picks its allocator as it does for
+any user (DISTSENT_ALLOCATOR=system in the environment benchmarks it on glibc's malloc).
 
 Output: one JSON line per record on stdout (and in --output): `gemm_peak` (machine, matmul peaks, command),
 one line per contender, `ratio distsent/...` lines, one `mfu` line per contender with the formula, and a
@@ -42,12 +45,23 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CONTENDERS = ("distsent", "trainer_defaults", "trainer_bf16", "trainer_bf16_grouped")
+CONTENDERS = (
+    "distsent",
+    "trainer_defaults",
+    "trainer_bf16",
+    "trainer_bf16_grouped",
+    "trainer_bf16_grouped_tcmalloc",
+)
 TRAINER_SETTINGS = {
     "trainer_defaults": {"bf16": False, "train_sampling_strategy": "random"},
     "trainer_bf16": {"bf16": True, "train_sampling_strategy": "random"},
     "trainer_bf16_grouped": {"bf16": True, "train_sampling_strategy": "group_by_length"},
+    "trainer_bf16_grouped_tcmalloc": {"bf16": True, "train_sampling_strategy": "group_by_length"},
 }
+# Run with tcmalloc preloaded, as distsent runs by default: how much of distsent's lead is the
+# allocator. Reported beside the others, but not a candidate for the Trainer's "best", which is
+# its best TrainingArguments.
+ON_TCMALLOC = {"trainer_bf16_grouped_tcmalloc"}
 DEFAULT_MAX_LENGTH = {"rotten_tomatoes": 128, "imdb": 256}
 # "Best" Trainer setting: the fastest whose accuracy is within this of the Trainer's defaults.
 ACCURACY_TOLERANCE = 0.01
@@ -125,13 +139,16 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_measured(command: list[str], log_path: Path, threads: int) -> tuple[int, float, float]:
+def run_measured(
+    command: list[str], log_path: Path, threads: int, extra_env: dict[str, str] | None = None
+) -> tuple[int, float, float]:
     """Run `command`; return (exit code, wall seconds, peak RSS in MiB of that process).
 
     os.wait4 reports the rusage of exactly this child, so each contender's peak is its own."""
     start = time.perf_counter()
+    env = {**child_env(threads), **(extra_env or {})}
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=child_env(threads), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     # Linux reports ru_maxrss in KiB.
@@ -316,6 +333,7 @@ def trainer_worker(args: argparse.Namespace) -> dict:
     from accelerate.utils import set_seed
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
+    from distsent.allocator import active_allocator
     from distsent.modeling import build_model
     from distsent.optim import warmup_steps
 
@@ -400,6 +418,7 @@ def trainer_worker(args: argparse.Namespace) -> dict:
         "mean_padded_length": sum(record["longest"]) / len(record["longest"]),
         **stats,
         "accuracy": accuracy,
+        "allocator": active_allocator(),
         "settings": {**settings, "optim": str(training_args.optim), "dataloader_drop_last": True},
     }
 
@@ -464,6 +483,7 @@ def run_distsent(args: argparse.Namespace, workdir: Path, cfg, train_lengths: li
         **stats,
         "accuracy": accuracy,
         "distsent_reported_accuracy": summary["eval"].get("accuracy"),
+        "allocator": summary["allocator"],
         "process_wall_seconds": wall,
         "peak_rss_mib": peak,
         "settings": {"mixed_precision": summary["mixed_precision"], "extra": args.distsent_set},
@@ -485,8 +505,16 @@ def run_trainer(args: argparse.Namespace, name: str, workdir: Path, argv: list[s
             continue
         cleaned.append(item)
     command = [sys.executable, str(Path(__file__).resolve()), *cleaned, "--worker", name, "--result", str(result_path)]
-    note(f"[{name}] {TRAINER_SETTINGS[name]}")
-    code, wall, peak = run_measured(command, workdir / f"{name}.log", args.threads)
+    extra_env = {}
+    if name in ON_TCMALLOC:
+        from distsent.allocator import find_tcmalloc
+
+        library = find_tcmalloc()
+        if library is None:
+            raise SystemExit(f"{name} needs libtcmalloc (libtcmalloc-minimal4); leave it out of --contenders")
+        extra_env["LD_PRELOAD"] = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
+    note(f"[{name}] {TRAINER_SETTINGS[name]}{' with ' + extra_env['LD_PRELOAD'] if extra_env else ''}")
+    code, wall, peak = run_measured(command, workdir / f"{name}.log", args.threads, extra_env)
     if code != 0:
         raise SystemExit(f"{name} exited {code}; see {workdir / f'{name}.log'}")
     result = json.loads(result_path.read_text())
@@ -496,7 +524,7 @@ def run_trainer(args: argparse.Namespace, name: str, workdir: Path, argv: list[s
 
 def pick_trainer_best(results: dict) -> tuple[str | None, str]:
     """The fastest Trainer setting whose accuracy is within ACCURACY_TOLERANCE of its defaults."""
-    trainers = {name: r for name, r in results.items() if name.startswith("trainer_")}
+    trainers = {name: r for name, r in results.items() if name.startswith("trainer_") and name not in ON_TCMALLOC}
     if not trainers:
         return None, "no Trainer contender ran"
     reference = trainers.get("trainer_defaults")
