@@ -3,7 +3,7 @@
 A CPU training step allocates and frees hundreds of tensors of the same few sizes. glibc's
 malloc serves them from one heap whose free lists grow long: profiling the default workload
 on 2 cores put ~5% of the main thread in `_int_malloc` while the second core waited.
-tcmalloc keeps a free list per size class. Whole Rotten Tomatoes runs measured 1.10x the
+tcmalloc keeps a free list per size class. Rotten Tomatoes training measured 1.03-1.10x the
 tokens/s with 13% less peak memory; IMDB at 256 tokens the same speed with 20% less
 (bench/RESULTS.md).
 
@@ -64,12 +64,31 @@ def _gpu_driver_loaded() -> bool:
     return any(Path(path).exists() for path in _GPU_DRIVER_PATHS)
 
 
+def tcmalloc_to_preload() -> str | None:
+    """The tcmalloc library `distsent train` preloads here, or None for the system allocator.
+
+    Raises ConfigError when DISTSENT_ALLOCATOR=tcmalloc cannot be met."""
+    choice = allocator_choice()
+    if choice == "system" or platform.system() != "Linux":
+        return None
+    if choice == "auto" and "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return None  # the caller preloads an allocator of its choosing (jemalloc, say)
+    if choice == "auto" and _gpu_driver_loaded():
+        return None
+    library = find_tcmalloc()
+    if library is None and choice == "tcmalloc":
+        raise ConfigError(
+            f"{ALLOCATOR_ENV}=tcmalloc but no libtcmalloc was found: install gperftools' "
+            "libtcmalloc-minimal4 (Debian/Ubuntu) or gperftools-libs (Fedora/RHEL)"
+        )
+    return library
+
+
 def use_tcmalloc() -> None:
     """Re-execute this process with tcmalloc preloaded where DISTSENT_ALLOCATOR asks for it.
 
     Returns when no re-execution is needed or possible. Call it before importing torch: the
     re-executed process imports everything again."""
-    choice = allocator_choice()
     if os.environ.pop(_REEXECUTED_ENV, None):
         # Child processes (W&B's service, compilers DeepSpeed runs) get the caller's LD_PRELOAD.
         original = os.environ.pop(_ORIGINAL_PRELOAD_ENV, "")
@@ -77,22 +96,13 @@ def use_tcmalloc() -> None:
             os.environ["LD_PRELOAD"] = original
         else:
             os.environ.pop("LD_PRELOAD", None)
-        if choice == "tcmalloc" and active_allocator() != "tcmalloc":
+        if allocator_choice() == "tcmalloc" and active_allocator() != "tcmalloc":
             raise ConfigError(f"{ALLOCATOR_ENV}=tcmalloc: the dynamic loader did not preload {find_tcmalloc()}")
         return
-    if choice == "system" or platform.system() != "Linux" or active_allocator() == "tcmalloc":
+    if active_allocator() == "tcmalloc":
         return
-    if choice == "auto" and "malloc" in os.environ.get("LD_PRELOAD", ""):
-        return  # the caller preloads an allocator of its choosing (jemalloc, say)
-    if choice == "auto" and _gpu_driver_loaded():
-        return
-    library = find_tcmalloc()
+    library = tcmalloc_to_preload()
     if library is None:
-        if choice == "tcmalloc":
-            raise ConfigError(
-                f"{ALLOCATOR_ENV}=tcmalloc but no libtcmalloc was found: install gperftools' "
-                "libtcmalloc-minimal4 (Debian/Ubuntu) or gperftools-libs (Fedora/RHEL)"
-            )
         return
     env = dict(os.environ)
     env[_REEXECUTED_ENV] = "1"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from distsent.config import Config
+from distsent.allocator import ALLOCATOR_ENV, allocator_choice, tcmalloc_to_preload
+from distsent.config import Config, ConfigError
 from distsent.distributed import launcher_environment, read_launch_info
 
 
@@ -59,6 +60,17 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
 
     if info.use_deepspeed or _version("deepspeed") != "not installed":
         facts.append(("DeepSpeed ops", _deepspeed_ops(problems, required=info.use_deepspeed)))
+
+    try:
+        library = tcmalloc_to_preload()
+        facts.append(
+            (
+                "allocator",
+                f"{ALLOCATOR_ENV}={allocator_choice()}: train runs on {library or 'the system allocator'}",
+            )
+        )
+    except ConfigError as error:
+        problems.append(str(error))
 
     wandb_mode = os.environ.get("WANDB_MODE", "online")
     key = "set" if os.environ.get("WANDB_API_KEY") else "not set (uses ~/.netrc if logged in)"

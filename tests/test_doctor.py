@@ -5,9 +5,11 @@ from tests.conftest import REPO, cli_env, launch, run_cli
 
 
 def test_doctor_reports_what_it_sees():
-    result = run_cli("doctor")
+    result = run_cli("doctor", env={"DISTSENT_ALLOCATOR": "auto"})
     for fact in ("torch", "process-group backends", "gloo", "rank mapping", "DeepSpeed ops", "W&B", "GiB free"):
         assert fact in result.stdout
+    # This machine has tcmalloc (make install adds it as root) and no GPU driver.
+    assert "DISTSENT_ALLOCATOR=auto: train runs on libtcmalloc" in result.stdout
     assert "ok: nothing here stops a run" in result.stdout
 
 
