@@ -15,8 +15,8 @@ install: $(VENV)/.installed tcmalloc
 # CPU training runs on tcmalloc when the machine has it (distsent/allocator.py: faster and
 # leaner than glibc's malloc). A system library: installed here where we are root with apt,
 # otherwise a note, since distsent works without it.
-HAVE_TCMALLOC := $(PYTHON) -c "import ctypes.util as u, sys; sys.exit(not (u.find_library('tcmalloc_minimal') or u.find_library('tcmalloc')))"
-tcmalloc:
+HAVE_TCMALLOC := $(BIN)/python -c "import sys; from distsent.allocator import find_tcmalloc; sys.exit(find_tcmalloc() is None)"
+tcmalloc: $(VENV)/.installed
 	@$(HAVE_TCMALLOC) || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \

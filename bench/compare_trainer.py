@@ -507,12 +507,12 @@ def run_trainer(args: argparse.Namespace, name: str, workdir: Path, argv: list[s
     command = [sys.executable, str(Path(__file__).resolve()), *cleaned, "--worker", name, "--result", str(result_path)]
     extra_env = {}
     if name in ON_TCMALLOC:
-        from distsent.allocator import find_tcmalloc
+        from distsent.allocator import find_tcmalloc, preload_value
 
         library = find_tcmalloc()
         if library is None:
             raise SystemExit(f"{name} needs libtcmalloc (libtcmalloc-minimal4); leave it out of --contenders")
-        extra_env["LD_PRELOAD"] = " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))
+        extra_env["LD_PRELOAD"] = preload_value(library, os.environ.get("LD_PRELOAD"))
     note(f"[{name}] {TRAINER_SETTINGS[name]}{' with ' + extra_env['LD_PRELOAD'] if extra_env else ''}")
     code, wall, peak = run_measured(command, workdir / f"{name}.log", args.threads, extra_env)
     if code != 0:

@@ -64,6 +64,11 @@ def _gpu_driver_loaded() -> bool:
     return any(Path(path).exists() for path in _GPU_DRIVER_PATHS)
 
 
+def preload_value(library: str, current: str | None) -> str:
+    """LD_PRELOAD with `library` first (the first definition of malloc wins), `current` kept."""
+    return " ".join(filter(None, [library, current]))
+
+
 def tcmalloc_to_preload() -> str | None:
     """The tcmalloc library `distsent train` preloads here, or None for the system allocator.
 
@@ -107,7 +112,7 @@ def use_tcmalloc() -> None:
     env = dict(os.environ)
     env[_REEXECUTED_ENV] = "1"
     env[_ORIGINAL_PRELOAD_ENV] = env.get("LD_PRELOAD", "")
-    env["LD_PRELOAD"] = " ".join(filter(None, [library, env[_ORIGINAL_PRELOAD_ENV]]))
+    env["LD_PRELOAD"] = preload_value(library, env[_ORIGINAL_PRELOAD_ENV])
     sys.stdout.flush()
     sys.stderr.flush()
     # orig_argv is the interpreter's own command line, options such as -u or -X included.

@@ -51,6 +51,17 @@ def run_cli(
     return result
 
 
+@pytest.fixture
+def tcmalloc() -> str:
+    """The tcmalloc library distsent preloads; fails the test where the machine lacks it."""
+    from distsent.allocator import find_tcmalloc
+
+    library = find_tcmalloc()
+    if library is None:
+        pytest.fail("no libtcmalloc on this machine: `make install` installs libtcmalloc-minimal4 when run as root")
+    return library
+
+
 def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
 

@@ -29,14 +29,6 @@ def probe(env: dict[str, str]) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.fixture
-def tcmalloc() -> str:
-    library = allocator.find_tcmalloc()
-    if library is None:
-        pytest.fail("no libtcmalloc on this machine: `make install` installs libtcmalloc-minimal4 when run as root")
-    return library
-
-
 def test_reexecuted_process_runs_on_tcmalloc_and_children_do_not_inherit_it(tcmalloc: str):
     report = probe({"DISTSENT_ALLOCATOR": "auto", "LD_PRELOAD": ""})
     assert report == {"allocator": "tcmalloc", "preload": None, "marks": []}

@@ -39,11 +39,7 @@ def banner_value(stdout: str, key: str) -> str:
     return line.strip()[len(key) :].strip()
 
 
-def test_cpu_training_runs_on_tcmalloc_by_default(tiny_run: Path):
-    from distsent.allocator import find_tcmalloc
-
-    if find_tcmalloc() is None:
-        pytest.fail("no libtcmalloc on this machine: `make install` installs libtcmalloc-minimal4 when run as root")
+def test_cpu_training_runs_on_tcmalloc_by_default(tiny_run: Path, tcmalloc: str):
     assert read_summary(tiny_run)["allocator"] == "tcmalloc"
     assert banner_value((tiny_run.parent / "stdout.txt").read_text(), "allocator") == "tcmalloc (DISTSENT_ALLOCATOR)"
 
