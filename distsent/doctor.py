@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from distsent.allocator import ALLOCATOR_ENV, allocator_choice, tcmalloc_to_preload
+from distsent.build_locks import describe_stale_lock, extensions_root, stale_build_locks
 from distsent.config import Config, ConfigError
 from distsent.distributed import launcher_environment, read_launch_info
 
@@ -60,6 +61,7 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
 
     if info.use_deepspeed or _version("deepspeed") != "not installed":
         facts.append(("DeepSpeed ops", _deepspeed_ops(problems, required=info.use_deepspeed)))
+        facts.append(("op build locks", _build_locks(problems, required=info.use_deepspeed)))
 
     try:
         library = tcmalloc_to_preload()
@@ -102,6 +104,16 @@ def _deepspeed_ops(problems: list[str], required: bool) -> str:
         f"{name} {'ok' if builder.is_compatible(verbose=False) else 'no'}" for name, builder in builders.items()
     )
     return f"accelerator {get_accelerator().device_name()}; {ops}"
+
+
+def _build_locks(problems: list[str], required: bool) -> str:
+    stale = stale_build_locks()
+    # Only a DeepSpeed launch builds ops; elsewhere a stale lock is worth knowing, not a stop.
+    if required:
+        problems.extend(describe_stale_lock(lock, age) for lock, age in stale)
+    if not stale:
+        return f"none stale under {extensions_root()}"
+    return "; ".join(describe_stale_lock(lock, age) for lock, age in stale)
 
 
 def run_doctor(cfg: Config) -> int:

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from distsent.allocator import ALLOCATOR_ENV, active_allocator
 from distsent.batching import PadCollator, TrainBatchPlan
+from distsent.build_locks import describe_stale_lock, stale_build_locks
 from distsent.checkpoint import (
     archive_history,
     export_model,
@@ -114,6 +115,10 @@ def train(cfg: Config) -> dict:
 
     Raises Preempted (exit code 75) after checkpointing when a preemption signal arrives."""
     info = read_launch_info()
+    if info.use_deepspeed and info.local_rank == 0:
+        # Said before DeepSpeed starts, since what follows may be a silent wait on the lock.
+        for lock, age in stale_build_locks():
+            log.warning(describe_stale_lock(lock, age))
     accelerator = build_accelerator(cfg, info)
     watcher = PreemptionWatcher(cfg.checkpoint.signals)
     run_logger = None

@@ -27,6 +27,9 @@ def cli_env() -> dict[str, str]:
     env.setdefault("WANDB_MODE", "disabled")
     env["TOKENIZERS_PARALLELISM"] = "false"
     env.setdefault("OMP_NUM_THREADS", "1")
+    # DeepSpeed's JIT-built ops go in this checkout, not the user-wide ~/.cache: test runs of
+    # other checkouts on the machine neither wait on these builds' locks nor inherit stale ones.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return env
 
 
