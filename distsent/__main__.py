@@ -11,6 +11,7 @@ from pathlib import Path
 # Only the light modules at import time: `train` may re-execute itself before torch is loaded.
 from distsent.allocator import use_tcmalloc
 from distsent.config import ConfigError
+from distsent.worker_exit import exit_without_teardown, report_fatal_signals
 
 EXIT_USAGE = 2
 
@@ -170,12 +171,23 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             print(f"distsent: config error: {error}", file=sys.stderr)
             return EXIT_USAGE
-    from distsent.checkpoint import CheckpointError
-    from distsent.data import DataError
     from distsent.distributed import prepare_environment
 
     info = prepare_environment()
     _configure_logging(info.rank)
+    if info.is_distributed:
+        report_fatal_signals()
+    code = _run_command(args)
+    if info.is_distributed and argv is None:
+        exit_without_teardown(code)
+    return code
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The command's exit code; errors a user can fix become a message and EXIT_USAGE."""
+    from distsent.checkpoint import CheckpointError
+    from distsent.data import DataError
+
     try:
         return args.handler(args)
     except ConfigError as error:
