@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         report_fatal_signals()
     code = _run_command(args)
     if info.is_distributed and argv is None:
+        # Teardown of gloo and DeepSpeed can abort a worker whose work is done (worker_exit).
         exit_without_teardown(code)
     return code
 
