@@ -107,13 +107,11 @@ def _deepspeed_ops(problems: list[str], required: bool) -> str:
 
 
 def _build_locks(problems: list[str], required: bool) -> str:
-    stale = stale_build_locks()
+    stale = [describe_stale_lock(lock, age) for lock, age in stale_build_locks()]
     # Only a DeepSpeed launch builds ops; elsewhere a stale lock is worth knowing, not a stop.
     if required:
-        problems.extend(describe_stale_lock(lock, age) for lock, age in stale)
-    if not stale:
-        return f"none stale under {extensions_root()}"
-    return "; ".join(describe_stale_lock(lock, age) for lock, age in stale)
+        problems.extend(stale)
+    return "; ".join(stale) or f"none stale under {extensions_root()}"
 
 
 def run_doctor(cfg: Config) -> int:
