@@ -100,3 +100,58 @@ def test_attention_benchmark_times_both_and_reports_per_length():
         assert record["distsent_ms"] > 0 and record["sdpa_math_ms"] > 0
         assert record["speedup"] == pytest.approx(record["sdpa_math_ms"] / record["distsent_ms"], rel=0.01)
     assert lines[-1].startswith("command:") and "attention.py" in lines[-1]
+
+
+def write_bench_output(path, seed, accuracies, workload_epochs=2.0):
+    """A compare_trainer.py output with the records summarize_seeds.py reads."""
+    records = [{"name": "gemm_peak", "workload": {"seed": seed, "epochs": workload_epochs, "model": "m"}}]
+    for name, accuracy in accuracies.items():
+        records.append(
+            {"name": name, "accuracy": accuracy, "tokens_per_second": 100.0 * (3 if name == "distsent" else 1)}
+        )
+        records[-1]["mfu_vs_bf16_peak"] = 0.5
+    records.append({"name": "mfu", "contender": "distsent", "formula": "..."})
+    records.append({"name": "summary", "trainer_best": "trainer_defaults", "targets_met": {"mfu_bf16": seed > 1}})
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def run_summarize(*paths):
+    command = [sys.executable, "bench/summarize_seeds.py", *map(str, paths)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def test_summarize_seeds_pairs_accuracy_by_seed(tmp_path):
+    runs = [
+        write_bench_output(tmp_path / "a.jsonl", 1, {"distsent": 0.80, "trainer_defaults": 0.82}),
+        write_bench_output(tmp_path / "b.jsonl", 2, {"distsent": 0.86, "trainer_defaults": 0.83}),
+        write_bench_output(tmp_path / "c.jsonl", 3, {"distsent": 0.84, "trainer_defaults": 0.84}),
+    ]
+    result = run_summarize(*runs)
+    assert result.returncode == 0, result.stderr
+    *lines, command = result.stdout.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert command.startswith("command:") and "summarize_seeds.py" in command
+    assert [r["seed"] for r in records if r["name"] == "seed"] == [1, 2, 3]
+    (paired,) = [r for r in records if r["name"] == "accuracy distsent-trainer_defaults"]
+    assert paired["differences"] == pytest.approx([-0.02, 0.03, 0.0])
+    assert paired["mean"] == pytest.approx(0.01 / 3)
+    # Standard error of the paired differences: sample standard deviation / sqrt(3).
+    assert paired["standard_error"] == pytest.approx(0.025166 / 3**0.5, rel=1e-4)
+    assert paired["seeds_not_lower"] == 2
+    assert paired["tokens_per_second_ratio"] == {"mean": 3.0, "min": 3.0, "max": 3.0}
+    (targets,) = [r for r in records if r["name"] == "targets"]
+    assert targets == {"name": "targets", "seeds": 3, "met_in_seeds": {"mfu_bf16": 2}}
+
+
+def test_summarize_seeds_refuses_runs_it_cannot_pair(tmp_path):
+    first = write_bench_output(tmp_path / "a.jsonl", 1, {"distsent": 0.8, "trainer_defaults": 0.8})
+    other_workload = write_bench_output(tmp_path / "b.jsonl", 2, {"distsent": 0.8}, workload_epochs=1.0)
+    result = run_summarize(first, other_workload)
+    assert result.returncode == 2 and "differ in more than the seed" in result.stderr
+    result = run_summarize(first, first)
+    assert result.returncode == 2 and "a seed appears twice" in result.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(first.read_text() + "{not json\n")
+    result = run_summarize(broken)
+    assert result.returncode == 2 and f"{broken}:6: not a compare_trainer.py record" in result.stderr
