@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         records = summarize([read_run(path) for path in args.outputs])
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError) as error:
         print(f"summarize_seeds: {error}", file=sys.stderr)
+        return 2
+    except KeyError as error:
+        print(f"summarize_seeds: a record lacks {error}: not a compare_trainer.py output?", file=sys.stderr)
         return 2
     for record in records:
         print(json.dumps(record))

@@ -155,3 +155,7 @@ def test_summarize_seeds_refuses_runs_it_cannot_pair(tmp_path):
     broken.write_text(first.read_text() + "{not json\n")
     result = run_summarize(broken)
     assert result.returncode == 2 and f"{broken}:6: not a compare_trainer.py record" in result.stderr
+    # A record without a field the summary needs is named, not a traceback.
+    (tmp_path / "c.jsonl").write_text(first.read_text().replace('"workload"', '"load"'))
+    result = run_summarize(tmp_path / "c.jsonl")
+    assert result.returncode == 2 and "a record lacks 'workload'" in result.stderr
