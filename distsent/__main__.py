@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             use_tcmalloc()
         except ConfigError as error:
-            print(f"distsent: config error: {error}", file=sys.stderr)
-            return EXIT_USAGE
+            return _user_error("config", error)
     from distsent.distributed import prepare_environment
 
     info = prepare_environment()
@@ -192,14 +191,17 @@ def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except ConfigError as error:
-        print(f"distsent: config error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _user_error("config", error)
     except CheckpointError as error:
-        print(f"distsent: checkpoint error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _user_error("checkpoint", error)
     except DataError as error:
-        print(f"distsent: data error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _user_error("data", error)
+
+
+def _user_error(kind: str, error: Exception) -> int:
+    """One line on stderr instead of a traceback: the message names what to fix."""
+    print(f"distsent: {kind} error: {error}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

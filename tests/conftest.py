@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,20 +34,58 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """Kill `process` and every process below it. Launchers start their workers in sessions of
+    their own (torch elastic), so neither killing the launcher nor its process group reaches
+    them; left running, they would hold the CPUs for the rest of the suite."""
+    try:
+        tree = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
+    except psutil.NoSuchProcess:
+        return
+    for member in tree:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+
+
+def run_captured(
+    command: list[str], *, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """subprocess.run(command, capture_output=True, text=True) in the repository, except that
+    a command running past `timeout` is killed with all its children and fails the test with
+    what it printed; an interrupted test kills them too."""
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=cli_env() if env is None else env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(process)
+        stdout, stderr = process.communicate()
+        pytest.fail(
+            f"{' '.join(map(str, command))} ran past {timeout} s; killed with its children\n"
+            f"{stdout[-4000:]}\n{stderr[-6000:]}"
+        )
+    except BaseException:
+        kill_process_tree(process)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_cli(
     *args: str, check: bool = True, timeout: int = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """`python -m distsent ARGS`, captured; fails the test with the output when check is set.
 
     `env` adds to (or replaces) the variables of `cli_env()`."""
-    result = subprocess.run(
-        [sys.executable, "-m", "distsent", *args],
-        cwd=REPO,
-        env={**cli_env(), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    result = run_captured([sys.executable, "-m", "distsent", *args], env={**cli_env(), **(env or {})}, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(
             f"distsent {' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -91,7 +130,7 @@ def launch(
         "distsent",
         *args,
     ]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    result = run_captured(command, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result

@@ -1,12 +1,11 @@
 """Smoke test of the benchmark script: every contender runs and reports well-formed numbers."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, cli_env
+from tests.conftest import run_captured
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +26,7 @@ def test_compare_trainer_reports_every_contender(tmp_path):
         "--output",
         str(output),
     ]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    result = run_captured(command, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert (
@@ -76,7 +75,7 @@ def test_gpu_throughput_script_runs_on_cpu_and_reports_mfu(tmp_path):
     command = [sys.executable, "bench/gpu_throughput.py", "--model-size", "tiny", "--seq-lengths", "32,64"]
     command += ["--batch-size", "4", "--steps", "6", "--log-every", "2", "--precision", "no"]
     command += ["--workdir", str(tmp_path / "work"), "--output", str(output)]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    result = run_captured(command, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     peak, *runs = [json.loads(line) for line in output.read_text().splitlines()]
     assert peak["name"] == "gemm_peak" and peak["device"] == "cpu" and peak["bf16_flops"] > 0
@@ -91,7 +90,7 @@ def test_gpu_throughput_script_runs_on_cpu_and_reports_mfu(tmp_path):
 
 def test_attention_benchmark_times_both_and_reports_per_length():
     command = [sys.executable, "bench/attention.py", "--lengths", "8", "16", "--batch", "4", "--rounds", "1"]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = run_captured(command, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.splitlines()
     records = [json.loads(line) for line in lines[:-1]]
@@ -100,6 +99,28 @@ def test_attention_benchmark_times_both_and_reports_per_length():
         assert record["distsent_ms"] > 0 and record["sdpa_math_ms"] > 0
         assert record["speedup"] == pytest.approx(record["sdpa_math_ms"] / record["distsent_ms"], rel=0.01)
     assert lines[-1].startswith("command:") and "attention.py" in lines[-1]
+
+
+def test_step_profile_splits_a_step_and_rates_its_matrix_products():
+    command = [sys.executable, "bench/step_profile.py", "--threads", "1,2", "--steps", "2", "--warmup", "1"]
+    command += ["--batch", "4", "--length", "16", "--top", "40", "model.name=tiny-bert"]
+    result = run_captured(command, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    *records, last = result.stdout.splitlines()
+    records = [json.loads(line) for line in records]
+    steps = [r for r in records if "phases_ms" in r]
+    assert [r["threads"] for r in steps] == [1, 2]
+    for r in steps:
+        assert set(r["phases_ms"]) == {"forward", "backward", "clip", "optimizer_step", "zero_grad"}
+        assert r["step_ms"] == pytest.approx(sum(r["phases_ms"].values()), abs=0.02)
+        assert r["tokens_per_second"] == pytest.approx(4 * 16 / r["step_ms"] * 1000, rel=0.01)
+    operators = {r["operator"]: r for r in records if "operator" in r}
+    peak = records[-1]["bf16_peak_gflops"]
+    mm = operators["aten::mm"]
+    assert set(mm["ms_per_step"]) == {"1", "2"} and mm["gflops"] > 0
+    assert mm["fraction_of_bf16_peak"] == pytest.approx(mm["gflops"] / peak, abs=0.002)
+    assert "gflops" not in operators["aten::_fused_adamw_"]
+    assert last.startswith("command:") and "step_profile.py" in last
 
 
 def write_bench_output(path, seed, accuracies, workload_epochs=2.0):
@@ -118,7 +139,7 @@ def write_bench_output(path, seed, accuracies, workload_epochs=2.0):
 
 def run_summarize(*paths):
     command = [sys.executable, "bench/summarize_seeds.py", *map(str, paths)]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    return run_captured(command, timeout=60)
 
 
 def test_summarize_seeds_pairs_accuracy_by_seed(tmp_path):

@@ -17,7 +17,17 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from distsent.config import load_config
 from distsent.data import load_labeled_splits
-from tests.conftest import REPO, TINY, cli_env, launch, max_weight_difference, read_summary, run_cli
+from tests.conftest import (
+    REPO,
+    TINY,
+    cli_env,
+    kill_process_tree,
+    launch,
+    max_weight_difference,
+    read_summary,
+    run_captured,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +163,7 @@ def test_conflicting_deepspeed_value_is_refused(tmp_path):
         "train.max_steps=2",
         f"output_dir={tmp_path / 'out'}",
     ]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    result = run_captured(command, timeout=600)
     assert result.returncode != 0
     assert "train_micro_batch_size_per_gpu=4" in result.stderr and '"auto"' in result.stderr
 
@@ -196,7 +206,11 @@ def test_two_machines_on_one_host_match_two_processes(runs, tmp_path):
         subprocess.Popen(c, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for c in commands
     ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    finally:
+        for node in nodes:  # after a timeout, neither node's workers may outlive the test
+            kill_process_tree(node)
     for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-4000:]
     assert read_summary(out)["world_size"] == 2
@@ -225,6 +239,6 @@ def test_torchrun_works_too(tmp_path):
         "train.max_steps=4",
         f"output_dir={out}",
     ]
-    result = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    result = run_captured(command, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert read_summary(out)["world_size"] == 2

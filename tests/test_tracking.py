@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, TINY, cli_env, read_summary, run_cli
+from tests.conftest import REPO, TINY, cli_env, read_summary, run_captured, run_cli
 from tests.test_resume import distsent_command, wait_for_step
 from tests.wandb_offline import read_offline_run
 
@@ -40,7 +40,7 @@ def two_process_run(tmp_path_factory) -> Path:
     command = distsent_command(
         2, "train", *TINY, *WANDB, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}"
     )
-    result = subprocess.run(command, cwd=REPO, env=wandb_env(), capture_output=True, text=True, timeout=600)
+    result = run_captured(command, env=wandb_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
@@ -101,14 +101,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     os.kill(worker, signal.SIGTERM)
     process.communicate(timeout=300)
     assert not (out / "final").exists()
-    resumed = subprocess.run(
-        distsent_command(2, *args, "train.resume=auto"),
-        cwd=REPO,
-        env=wandb_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = run_captured(distsent_command(2, *args, "train.resume=auto"), env=wandb_env(), timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     runs = [read_offline_run(d) for d in offline_runs(out)]
     assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]

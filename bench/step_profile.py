@@ -1,0 +1,153 @@
+"""Where one distsent CPU training step's time goes, and how each part scales with threads.
+
+    python bench/step_profile.py [--threads 1,2] [--steps 20] [--batch 32] [--length 28] [KEY=VALUE ...]
+
+The model and step `distsent train` runs on CPU (the packaged MiniLM unless overridden, CPU
+dropout masks, bf16 autocast, gradient clipping, fused AdamW, tcmalloc) on synthetic batches of
+one length: length grouping makes real batches nearly uniform (28 tokens on average for Rotten
+Tomatoes). For each thread count it prints the milliseconds per step of forward, backward,
+clipping, optimizer step and zero_grad; then one line per heavy operator with its self time
+per step at each thread count, and for matrix products their FLOP/s against the bf16 matmul
+peak measured in the same run; then the command line. Answers "what is left besides the
+GEMMs, and does a second core help it".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+
+from compare_trainer import gemm_peak
+
+PHASES = ("forward", "backward", "clip", "optimizer_step", "zero_grad")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    parser.add_argument("--steps", type=int, default=20, help="measured steps per thread count")
+    parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--length", type=int, default=28, help="tokens per text, [CLS] included")
+    parser.add_argument("--top", type=int, default=15, help="operators to list, by self time")
+    parser.add_argument("overrides", nargs="*", help="distsent config overrides, e.g. model.name=tiny-bert")
+    return parser.parse_args(argv)
+
+
+class TrainingStep:
+    """One optimizer step of `distsent train` on CPU, timed phase by phase."""
+
+    def __init__(self, overrides: list[str], batch: int, length: int) -> None:
+        import torch
+
+        from distsent.config import load_config
+        from distsent.cpu_training import use_cpu_dropout
+        from distsent.modeling import build_model, build_tokenizer, classification_loss
+        from distsent.optim import build_optimizer
+
+        self.cfg = load_config(None, overrides)
+        tokenizer = build_tokenizer(self.cfg.model)
+        self.model = build_model(self.cfg.model, ["negative", "positive"], len(tokenizer))
+        use_cpu_dropout(self.model)
+        self.model.train()
+        self.optimizer, _ = build_optimizer(self.cfg.train, self.model, total_steps=1000, fused=True)
+        self.loss_of = classification_loss
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        self.input_ids = torch.randint(1000, len(tokenizer), (batch, length), generator=generator)
+        self.input_ids[:, 0] = tokenizer.cls_token_id
+        self.attention_mask = torch.ones_like(self.input_ids)
+        self.labels = torch.randint(0, 2, (batch,), generator=generator)
+        self.dtype = torch.bfloat16 if self.cfg.train.mixed_precision in ("auto", "bf16") else None
+
+    def run(self) -> dict[str, float]:
+        import torch
+
+        marks = [time.perf_counter()]
+        with torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask).logits
+        loss = self.loss_of(logits.float(), self.labels, None)
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm or float("inf"))
+        marks.append(time.perf_counter())
+        self.optimizer.step()
+        marks.append(time.perf_counter())
+        self.optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        return {phase: 1000 * (end - start) for phase, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True)}
+
+
+def mean_phases(step: TrainingStep, steps: int) -> dict[str, float]:
+    totals = dict.fromkeys(PHASES, 0.0)
+    for _ in range(steps):
+        for phase, ms in step.run().items():
+            totals[phase] += ms / steps
+    return totals
+
+
+def operator_times(step: TrainingStep, steps: int) -> dict[str, dict]:
+    """Self time and FLOPs per step of every operator, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as profiler:
+        for _ in range(steps):
+            step.run()
+    return {
+        event.key: {
+            "calls": event.count / steps,
+            "ms": event.self_cpu_time_total / 1000 / steps,
+            "flops": event.flops / steps,
+        }
+        for event in profiler.key_averages()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from distsent.allocator import active_allocator, use_tcmalloc
+
+    if argv is None:
+        use_tcmalloc()  # as `distsent train` does; re-executes this script
+    import torch
+
+    thread_counts = [int(count) for count in args.threads.split(",")]
+    step = TrainingStep(args.overrides, args.batch, args.length)
+    tokens = args.batch * args.length
+    peak = gemm_peak(max(thread_counts))["bf16"]
+    operators = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for _ in range(args.warmup):
+            step.run()
+        phases = mean_phases(step, args.steps)
+        step_ms = sum(phases.values())
+        record = {"threads": threads, "phases_ms": {k: round(v, 2) for k, v in phases.items()}}
+        record.update(step_ms=round(step_ms, 2), tokens_per_second=round(tokens / step_ms * 1000, 1))
+        print(json.dumps(record), flush=True)
+        operators[threads] = operator_times(step, args.steps)
+
+    most = max(thread_counts)
+    heaviest = sorted(operators[most], key=lambda name: -operators[most][name]["ms"])[: args.top]
+    for name in heaviest:
+        record = {"operator": name, "calls_per_step": operators[most][name]["calls"]}
+        record["ms_per_step"] = {t: round(operators[t].get(name, {"ms": 0.0})["ms"], 2) for t in thread_counts}
+        fewest = min(thread_counts)
+        if most != fewest and operators[most][name]["ms"] > 0:
+            record[f"speedup_{fewest}_to_{most}_threads"] = round(
+                record["ms_per_step"][fewest] / operators[most][name]["ms"], 2
+            )
+        if operators[most][name]["flops"]:
+            flop_rate = operators[most][name]["flops"] / (operators[most][name]["ms"] / 1000)
+            record.update(gflops=round(flop_rate / 1e9, 1), fraction_of_bf16_peak=round(flop_rate / peak, 3))
+        print(json.dumps(record))
+    print(json.dumps({"bf16_peak_gflops": round(peak / 1e9, 1), "threads": most, "allocator": active_allocator()}))
+    print("command: " + shlex.join([sys.executable, *sys.argv]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
