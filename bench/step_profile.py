@@ -45,6 +45,7 @@ class TrainingStep:
 
         from distsent.config import load_config
         from distsent.cpu_training import use_cpu_dropout
+        from distsent.distributed import LaunchInfo, resolve_mixed_precision
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
 
@@ -60,7 +61,10 @@ class TrainingStep:
         self.input_ids[:, 0] = tokenizer.cls_token_id
         self.attention_mask = torch.ones_like(self.input_ids)
         self.labels = torch.randint(0, 2, (batch,), generator=generator)
-        self.dtype = torch.bfloat16 if self.cfg.train.mixed_precision in ("auto", "bf16") else None
+        # The precision `distsent train` would pick on this CPU; it refuses fp16 there.
+        cpu_only = LaunchInfo(world_size=1, rank=0, local_rank=0, use_deepspeed=False, has_cuda=False)
+        precision = resolve_mixed_precision(self.cfg.train.mixed_precision, cpu_only)
+        self.dtype = torch.bfloat16 if precision == "bf16" else None
 
     def run(self) -> dict[str, float]:
         import torch
@@ -114,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         use_tcmalloc()  # as `distsent train` does; re-executes this script
     import torch
 
+    from distsent.config import ConfigError
+
     thread_counts = [int(count) for count in args.threads.split(",")]
-    step = TrainingStep(args.overrides, args.batch, args.length)
+    try:
+        step = TrainingStep(args.overrides, args.batch, args.length)
+    except ConfigError as error:
+        print(f"step_profile.py: config error: {error}", file=sys.stderr)
+        return 2
     tokens = args.batch * args.length
     peak = gemm_peak(max(thread_counts))["bf16"]
     operators = {}

@@ -123,6 +123,13 @@ def test_step_profile_splits_a_step_and_rates_its_matrix_products():
     assert last.startswith("command:") and "step_profile.py" in last
 
 
+def test_step_profile_refuses_a_precision_distsent_would_refuse():
+    command = [sys.executable, "bench/step_profile.py", "model.name=tiny-bert", "train.mixed_precision=fp16"]
+    result = run_captured(command, timeout=120)
+    assert result.returncode == 2
+    assert "config error: train.mixed_precision=fp16 needs a CUDA GPU" in result.stderr
+
+
 def write_bench_output(path, seed, accuracies, workload_epochs=2.0):
     """A compare_trainer.py output with the records summarize_seeds.py reads."""
     records = [{"name": "gemm_peak", "workload": {"seed": seed, "epochs": workload_epochs, "model": "m"}}]
