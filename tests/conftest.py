@@ -38,6 +38,8 @@ def kill_process_tree(process: subprocess.Popen) -> None:
     """Kill `process` and every process below it. Launchers start their workers in sessions of
     their own (torch elastic), so neither killing the launcher nor its process group reaches
     them; left running, they would hold the CPUs for the rest of the suite."""
+    if process.poll() is not None:
+        return  # ended and reaped: its pid may already be another process's
     try:
         tree = [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]
     except psutil.NoSuchProcess:
