@@ -3,7 +3,8 @@
     python bench/step_profile.py [--threads 1,2] [--steps 20] [--batch 32] [--length 28] [KEY=VALUE ...]
 
 The model and step `distsent train` runs on CPU (the packaged MiniLM unless overridden, CPU
-dropout masks, bf16 autocast, gradient clipping, fused AdamW, tcmalloc) on synthetic batches of
+dropout masks, bf16 autocast, gradient clipping, fused AdamW, tcmalloc where installed, else
+glibc keeping freed memory) on synthetic batches of
 one length: length grouping makes real batches nearly uniform (28 tokens on average for Rotten
 Tomatoes). For each thread count it prints the milliseconds per step of forward, backward,
 clipping, optimizer step and zero_grad; then one line per heavy operator with its self time
@@ -43,13 +44,16 @@ class TrainingStep:
     def __init__(self, overrides: list[str], batch: int, length: int) -> None:
         import torch
 
+        from distsent.allocator import active_allocator
         from distsent.config import load_config
-        from distsent.cpu_training import use_cpu_dropout
+        from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
         from distsent.distributed import LaunchInfo, resolve_mixed_precision
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
 
         self.cfg = load_config(None, overrides)
+        if active_allocator() == "system" and self.cfg.train.cpu_keep_freed_memory:
+            keep_freed_memory()  # as train() does without tcmalloc
         tokenizer = build_tokenizer(self.cfg.model)
         self.model = build_model(self.cfg.model, ["negative", "positive"], len(tokenizer))
         use_cpu_dropout(self.model)
