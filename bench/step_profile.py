@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -151,15 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         record["ms_per_step"] = {t: round(operators[t].get(name, {"ms": 0.0})["ms"], 2) for t in thread_counts}
         fewest = min(thread_counts)
         if most != fewest and operators[most][name]["ms"] > 0:
-            record[f"speedup_{fewest}_to_{most}_threads"] = round(
-                record["ms_per_step"][fewest] / operators[most][name]["ms"], 2
-            )
+            fewest_ms = operators[fewest].get(name, {"ms": 0.0})["ms"]
+            record[f"speedup_{fewest}_to_{most}_threads"] = round(fewest_ms / operators[most][name]["ms"], 2)
         if operators[most][name]["flops"]:
             flop_rate = operators[most][name]["flops"] / (operators[most][name]["ms"] / 1000)
             record.update(gflops=round(flop_rate / 1e9, 1), fraction_of_bf16_peak=round(flop_rate / peak, 3))
         print(json.dumps(record))
     print(json.dumps({"bf16_peak_gflops": round(peak / 1e9, 1), "threads": most, "allocator": active_allocator()}))
-    print("command: " + shlex.join([sys.executable, *sys.argv]))
+    print("command: " + shlex.join([os.path.relpath(sys.executable), *sys.argv]))
     return 0
 
 
