@@ -48,6 +48,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-windows", type=int, default=1, help="first logging windows left out (warm-up)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     parser.add_argument("--launch-file", help="run under `accelerate launch --config_file FILE --num_processes 1`")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer folder for the random model (default: the packaged MiniLM's uncased WordPiece one; "
+        "pass a copy of its tokenizer files where the 90 MB model package cannot go)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra distsent override")
     parser.add_argument("--workdir", help="keep models, data and runs here (default: a temporary folder)")
     parser.add_argument("--output", help="also write the JSON lines to this file")
@@ -74,15 +79,15 @@ def cuda_gemm_peak(size: int = 8192, repeats: int = 10) -> dict[str, float]:
     return peaks
 
 
-def write_random_model(folder: Path, size: str, seed: int = 0):
-    """A randomly initialised BERT classifier with the packaged uncased WordPiece tokenizer."""
+def write_random_model(folder: Path, size: str, tokenizer_source: str | None, seed: int = 0):
+    """A randomly initialised BERT classifier with an uncased WordPiece tokenizer."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from distsent.config import ModelConfig
     from distsent.modeling import build_tokenizer
 
-    tokenizer = build_tokenizer(ModelConfig())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else build_tokenizer(ModelConfig())
     config = BertConfig(vocab_size=len(tokenizer), num_labels=2, **MODEL_SIZES[size])
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
@@ -169,7 +174,7 @@ def main() -> int:
     print(json.dumps(records[0]), flush=True)
 
     model_dir = workdir / f"bert-{args.model_size}-random"
-    model, tokenizer = write_random_model(model_dir, args.model_size)
+    model, tokenizer = write_random_model(model_dir, args.model_size, args.tokenizer)
     params = parameter_breakdown(model)
     for seq_len in (int(s) for s in args.seq_lengths.split(",")):
         data = workdir / f"texts-{seq_len}.csv"

@@ -1,6 +1,7 @@
 """Smoke test of the benchmark script: every contender runs and reports well-formed numbers."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -185,3 +186,35 @@ def test_summarize_seeds_refuses_runs_it_cannot_pair(tmp_path):
     (tmp_path / "c.jsonl").write_text(first.read_text().replace('"workload"', '"load"'))
     result = run_summarize(tmp_path / "c.jsonl")
     assert result.returncode == 2 and "a record lacks 'workload'" in result.stderr
+
+
+def test_gpu_suite_tags_records_and_reports_failures(tmp_path):
+    """bench/gpu_suite.sh: records tagged by configuration; a failing configuration does not stop
+    the next one, and the exit status says that one failed."""
+    tokenizer = tmp_path / "tokenizer"
+    from distsent.config import ModelConfig
+    from distsent.modeling import build_tokenizer
+
+    build_tokenizer(ModelConfig()).save_pretrained(tokenizer)  # --tokenizer takes any folder
+    tiny = ["--model-size", "tiny", "--seq-lengths", "32", "--batch-size", "4", "--steps", "4", "--log-every", "2"]
+    tiny += ["--precision", "no", "--tokenizer", str(tokenizer)]
+    env = {**os.environ, "PYTHON": sys.executable}
+
+    good = tmp_path / "good"
+    result = run_captured(["bash", "bench/gpu_suite.sh", str(good), "eager_b32", "--", *tiny], env=env, timeout=600)
+    assert result.returncode == 0, (good / "suite.log").read_text()[-4000:]
+    records = [json.loads(line) for line in (good / "results.jsonl").read_text().splitlines()]
+    assert [(r["suite"], r["name"]) for r in records] == [("eager_b32", "gemm_peak"), ("eager_b32", "bert-tiny seq 32")]
+    # Arguments after `--` come last, so they override the configuration's batch size.
+    assert records[1]["micro_batch_size"] == 4
+
+    bad = tmp_path / "bad"
+    command = ["bash", "bench/gpu_suite.sh", str(bad), "eager_b32", "compile_b32_s128", "--", *tiny]
+    result = run_captured([*command, "--set", "train.lr=-1"], env=env, timeout=600)
+    assert result.returncode == 1
+    log = (bad / "suite.log").read_text()
+    assert "!! eager_b32 failed" in log and "!! compile_b32_s128 failed" in log
+    assert "train.lr" in log  # distsent's own error reaches the log
+
+    result = run_captured(["bash", "bench/gpu_suite.sh", str(tmp_path / "x"), "no_such_config"], env=env, timeout=60)
+    assert result.returncode == 2 and "unknown configuration: no_such_config" in result.stderr
