@@ -43,8 +43,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="base")
     parser.add_argument("--seq-lengths", default="128,512", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=32, help="micro-batch size")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per sequence length")
-    parser.add_argument("--log-every", type=int, default=20, help="logging window in steps")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per sequence length")
+    parser.add_argument(
+        "--log-every", type=int, default=50, help="logging window in steps (windows of ~1 s on an H100 were too noisy)"
+    )
     parser.add_argument("--skip-windows", type=int, default=1, help="first logging windows left out (warm-up)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     parser.add_argument("--launch-file", help="run under `accelerate launch --config_file FILE --num_processes 1`")
