@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures in bench/RESULTS.md on a lent H100/H200. All of them take over 10 minutes
-# (at 120 steps, the first H100 run got through 7 of 9 in 9 minutes); name configurations to
+# (at 120 steps, the first H100 run finished 6 of the 8 it had in 9 minutes); name configurations to
 # split them across shorter calls:
 #
 #     bash bench/gpu_suite.sh OUT_DIR [SUITE...] [-- extra gpu_throughput.py arguments]
