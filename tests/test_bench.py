@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from distsent.config import ModelConfig
+from distsent.modeling import build_tokenizer
 from tests.conftest import run_captured
 
 pytestmark = pytest.mark.slow
@@ -192,9 +194,6 @@ def test_gpu_suite_tags_records_and_reports_failures(tmp_path):
     """bench/gpu_suite.sh: records tagged by configuration; a failing configuration does not stop
     the next one, and the exit status says that one failed."""
     tokenizer = tmp_path / "tokenizer"
-    from distsent.config import ModelConfig
-    from distsent.modeling import build_tokenizer
-
     build_tokenizer(ModelConfig()).save_pretrained(tokenizer)  # --tokenizer takes any folder
     tiny = ["--model-size", "tiny", "--seq-lengths", "32", "--batch-size", "4", "--steps", "4", "--log-every", "2"]
     tiny += ["--precision", "no", "--tokenizer", str(tokenizer)]
