@@ -31,6 +31,8 @@ from pathlib import Path
 
 from compare_trainer import gemm_peak, machine_description, model_flops, parameter_breakdown
 
+from distsent.config import ModelConfig
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_SIZES = {
     "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
@@ -52,8 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--launch-file", help="run under `accelerate launch --config_file FILE --num_processes 1`")
     parser.add_argument(
         "--tokenizer",
-        help="tokenizer folder for the random model (default: the packaged MiniLM's uncased WordPiece one; "
-        "pass a copy of its tokenizer files where the 90 MB model package cannot go)",
+        default=ModelConfig().name,
+        help="tokenizer of the random model, as `model.name` takes it (default: the packaged MiniLM's "
+        "uncased WordPiece one; a folder with a copy of its tokenizer files where the 90 MB package cannot go)",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra distsent override")
     parser.add_argument("--workdir", help="keep models, data and runs here (default: a temporary folder)")
@@ -81,15 +84,14 @@ def cuda_gemm_peak(size: int = 8192, repeats: int = 10) -> dict[str, float]:
     return peaks
 
 
-def write_random_model(folder: Path, size: str, tokenizer_source: str | None, seed: int = 0):
-    """A randomly initialised BERT classifier with an uncased WordPiece tokenizer."""
+def write_random_model(folder: Path, size: str, tokenizer_name: str, seed: int = 0):
+    """A randomly initialised BERT classifier with the tokenizer distsent loads for `tokenizer_name`."""
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification
 
-    from distsent.config import ModelConfig
     from distsent.modeling import build_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else build_tokenizer(ModelConfig())
+    tokenizer = build_tokenizer(ModelConfig(name=tokenizer_name))
     config = BertConfig(vocab_size=len(tokenizer), num_labels=2, **MODEL_SIZES[size])
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)

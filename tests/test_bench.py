@@ -1,14 +1,13 @@
 """Smoke test of the benchmark script: every contender runs and reports well-formed numbers."""
 
 import json
-import os
 import sys
 
 import pytest
 
 from distsent.config import ModelConfig
 from distsent.modeling import build_tokenizer
-from tests.conftest import run_captured
+from tests.conftest import cli_env, run_captured
 
 pytestmark = pytest.mark.slow
 
@@ -197,7 +196,7 @@ def test_gpu_suite_tags_records_and_reports_failures(tmp_path):
     build_tokenizer(ModelConfig()).save_pretrained(tokenizer)  # --tokenizer takes any folder
     tiny = ["--model-size", "tiny", "--seq-lengths", "32", "--batch-size", "4", "--steps", "4", "--log-every", "2"]
     tiny += ["--precision", "no", "--tokenizer", str(tokenizer)]
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {**cli_env(), "PYTHON": sys.executable}
 
     good = tmp_path / "good"
     result = run_captured(["bash", "bench/gpu_suite.sh", str(good), "eager_b32", "--", *tiny], env=env, timeout=600)
