@@ -58,6 +58,10 @@ class ModelConfig:
     """Dropout for encoder and head; None keeps the checkpoint's own (0.0 turns dropout off)."""
     freeze: list[str] = field(default_factory=list)
     """Freeze parameters whose name contains any of these patterns (`embeddings.`, `encoder.layer.0.`)."""
+    last_layer_cls_only: bool = True
+    """With head `cls` on BERT, RoBERTa, XLM-R, CamemBERT or ELECTRA: compute the last encoder
+    layer for the first token only, the one the classifier reads. Same logits, 1/L of the
+    encoder's work skipped; exports are unchanged."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel; SDPA is the fast default on CPU and GPU."""
     revision: str | None = None

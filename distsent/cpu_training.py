@@ -168,7 +168,9 @@ def use_cpu_dropout(model: nn.Module) -> int:
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Dropout:
-                setattr(parent, name, CpuDropout(child.p))
+                replacement = CpuDropout(child.p)
+                replacement.train(child.training)  # a new module starts in training mode
+                setattr(parent, name, replacement)
                 changed += 1
     AttentionInterface.register(CPU_TRAINING_ATTENTION, cpu_training_attention)
     AttentionMaskInterface.register(CPU_TRAINING_ATTENTION, sdpa_mask)

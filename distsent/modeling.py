@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from distsent.config import ModelConfig
+from distsent.first_token import use_first_token_last_layer
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +193,15 @@ class PooledClassifier(torch.nn.Module):
 
 
 def load_classifier(directory: str | Path) -> torch.nn.Module:
-    """Load an export of any head: transformers' own classes for `cls`, PooledClassifier otherwise."""
+    """Load an export of any head: transformers' own classes for `cls`, PooledClassifier otherwise.
+
+    For inference: a `cls` model's last layer computes the first token only (same logits)."""
     config = AutoConfig.from_pretrained(directory)
     head = getattr(config, "distsent_head", "cls")
     if head == "cls":
-        return AutoModelForSequenceClassification.from_pretrained(directory)
+        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        use_first_token_last_layer(model)
+        return model
     encoder = AutoModel.from_pretrained(directory)
     model = PooledClassifier(encoder, head, config.num_labels, dropout=0.0)
     missing, unexpected = model.load_state_dict(load_file(str(Path(directory) / HEAD_WEIGHTS)), strict=False)

@@ -32,6 +32,7 @@ from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
 from distsent.data import load_labeled_splits, tokenize
 from distsent.distributed import build_accelerator, default_resume_mode, model_construction_context, read_launch_info
 from distsent.evaluate import evaluate
+from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
@@ -160,6 +161,7 @@ def train(cfg: Config) -> dict:
 
         with model_construction_context(accelerator):
             model = build_model(cfg.model, label_names, len(tokenizer))
+        first_token_only = cfg.model.last_layer_cls_only and use_first_token_last_layer(model)
         if on_cpu and not cfg.train.compile:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
@@ -201,7 +203,10 @@ def train(cfg: Config) -> dict:
         state.wandb_run_id = run_logger.wandb_run_id
         run_logger.banner(
             {
-                "model": f"{cfg.model.name} ({trainable:,} trainable, {frozen:,} frozen parameters)",
+                "model": (
+                    f"{cfg.model.name} ({trainable:,} trainable, {frozen:,} frozen parameters)"
+                    + (", last layer for [CLS] only (model.last_layer_cls_only)" if first_token_only else "")
+                ),
                 "data": f"{cfg.data.dataset} {splits.sizes()} labels {label_names}",
                 "notes": "; ".join(splits.notes) or "-",
                 "distributed": (

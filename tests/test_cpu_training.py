@@ -71,6 +71,12 @@ def test_swap_replaces_every_dropout_and_keeps_the_weights():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_swapped_dropout_keeps_the_mode_it_replaces():
+    model = build_model(ModelConfig(name="tiny-bert"), ["neg", "pos"], vocab_size=1000).eval()
+    use_cpu_dropout(model)
+    assert not any(module.training for module in model.modules() if isinstance(module, CpuDropout))
+
+
 def tiny_pair():
     """Two copies of one tiny-bert: one left as built (SDPA), one with distsent's CPU dropout."""
     torch.manual_seed(0)
@@ -123,14 +129,16 @@ def reference_attention(query, key, value, mask, scaling, keep):
     return (scores.softmax(-1) * keep) @ value
 
 
+@pytest.mark.parametrize("queries", [5, 1])  # 1: the first-token-only last layer (distsent.first_token)
 @pytest.mark.parametrize("additive", [False, True])
-def test_training_attention_gradients_are_exact_in_float64(additive):
+def test_training_attention_gradients_are_exact_in_float64(additive, queries):
     torch.manual_seed(7)
-    query, key, value = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    mask = padding_mask(2, 5)
+    query = torch.randn(2, 3, queries, 4, dtype=torch.float64, requires_grad=True)
+    key, value = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = padding_mask(2, 5)[:, :, :queries]
     if additive:  # transformers' other mask form: 0 to attend, a large negative number not to
         mask = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(torch.float64).min)
-    keep = dropout_keep_mask((2, 3, 5, 5), 0.3, torch.float64, torch.device("cpu"))
+    keep = dropout_keep_mask((2, 3, queries, 5), 0.3, torch.float64, torch.device("cpu"))
     assert torch.autograd.gradcheck(
         lambda q, k, v: _AttentionWithDropout.apply(q, k, v, mask, 0.7, keep), (query, key, value)
     )
