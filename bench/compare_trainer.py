@@ -213,9 +213,16 @@ def parameter_breakdown(model) -> dict[str, int]:
     return counts
 
 
-def model_flops(params: dict, config, tokens_per_second: float, seq_len: float, peaks: dict) -> dict:
+def model_flops(
+    params: dict, config, tokens_per_second: float, seq_len: float, peaks: dict, last_layer_cls_only: bool = False
+) -> dict:
     """Training FLOPs per real token = 6 N + 12 L H S (forward + backward; attention scores and
-    values), model FLOP/s = real tokens/s x that, and MFU against the measured GEMM peaks."""
+    values), model FLOP/s = real tokens/s x that, and MFU against the measured GEMM peaks.
+
+    MFU counts the model's FLOPs whatever the run executes. A run whose last layer computes
+    [CLS] only (distsent's model.last_layer_cls_only) skips, for all positions but the first,
+    that layer's query, attention output and feed-forward products (2 H^2 + 2 H I weights) and
+    its attention; the executed FLOPs and their fraction of the peak are reported beside it."""
     layers, hidden = config.num_hidden_layers, config.hidden_size
     dense = 6 * params["non_embedding_per_token"]
     attention = 12 * layers * hidden * seq_len
@@ -229,11 +236,24 @@ def model_flops(params: dict, config, tokens_per_second: float, seq_len: float, 
         f"MFU = {flops_per_second / 1e9:,.2f} / {peaks['bf16'] / 1e9:,.1f} GFLOP/s bf16 peak = {mfu_bf16:.1%} "
         f"({flops_per_second / peaks['fp32']:.1%} of the {peaks['fp32'] / 1e9:,.1f} GFLOP/s fp32 peak)"
     )
+    executed = per_token
+    if last_layer_cls_only:
+        skipped_weights = 2 * hidden * hidden + 2 * hidden * config.intermediate_size
+        # Each position but the first: 1 - 1/S of them, in a sequence of S positions.
+        skipped = (6 * skipped_weights + 12 * hidden * seq_len) * (1 - 1 / seq_len)
+        executed = per_token - skipped
+        formula += (
+            f"; executed (last layer for [CLS] only): {per_token:,.0f} - (6 x {skipped_weights:,} + 12 x {hidden} x "
+            f"{seq_len:.2f}) x (1 - 1/{seq_len:.2f}) = {executed:,.0f} FLOPs/token, "
+            f"{tokens_per_second * executed / peaks['bf16']:.1%} of the bf16 peak"
+        )
     return {
         "flops_per_token": per_token,
         "model_gflops_per_second": flops_per_second / 1e9,
         "mfu_vs_bf16_peak": mfu_bf16,
         "mfu_vs_fp32_peak": flops_per_second / peaks["fp32"],
+        "executed_flops_per_token": executed,
+        "executed_fraction_of_bf16_peak": tokens_per_second * executed / peaks["bf16"],
         "formula": formula,
     }
 
@@ -484,6 +504,7 @@ def run_distsent(args: argparse.Namespace, workdir: Path, cfg, train_lengths: li
         "accuracy": accuracy,
         "distsent_reported_accuracy": summary["eval"].get("accuracy"),
         "allocator": summary["allocator"],
+        "last_layer_cls_only": summary["last_layer_cls_only"],
         "process_wall_seconds": wall,
         "peak_rss_mib": peak,
         "settings": {"mixed_precision": summary["mixed_precision"], "extra": args.distsent_set},
@@ -622,7 +643,14 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg.model, splits.label_names, len(tokenizer))
     params = parameter_breakdown(model)
     for name, result in results.items():
-        flops = model_flops(params, model.config, result["tokens_per_second"], result["mean_padded_length"], peaks)
+        flops = model_flops(
+            params,
+            model.config,
+            result["tokens_per_second"],
+            result["mean_padded_length"],
+            peaks,
+            result.get("last_layer_cls_only", False),
+        )
         result.update({key: value for key, value in flops.items() if key != "formula"})
         result["formula"] = flops["formula"]
         emit({"name": name, **{k: v for k, v in result.items() if k != "formula"}})

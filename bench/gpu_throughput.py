@@ -191,7 +191,9 @@ def main() -> int:
             raise SystemExit(f"distsent exited {result.returncode} at seq {seq_len}")
         summary = json.loads((run_dir / "summary.json").read_text())
         speed = steady_throughput(run_dir, args.skip_windows)
-        flops = model_flops(params, model.config, speed["tokens_per_second"], seq_len, peaks)
+        flops = model_flops(
+            params, model.config, speed["tokens_per_second"], seq_len, peaks, summary["last_layer_cls_only"]
+        )
         record = {
             "name": f"bert-{args.model_size} seq {seq_len}",
             "seq_len": seq_len,

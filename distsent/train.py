@@ -385,6 +385,7 @@ def train(cfg: Config) -> dict:
             "mixed_precision": accelerator.mixed_precision,
             "distributed_type": accelerator.distributed_type.value,
             "allocator": allocator,
+            "last_layer_cls_only": first_token_only,
             "train_seconds": round(state.train_seconds, 3),
             "train_tokens": state.train_tokens,
             "train_tokens_per_second": state.train_tokens / state.train_seconds,

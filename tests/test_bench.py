@@ -1,12 +1,17 @@
 """Smoke test of the benchmark script: every contender runs and reports well-formed numbers."""
 
+import copy
 import json
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from distsent.config import ModelConfig
-from distsent.modeling import build_tokenizer
+from distsent.first_token import use_first_token_last_layer
+from distsent.modeling import build_model, build_tokenizer
 from tests.conftest import cli_env, run_captured
 
 pytestmark = pytest.mark.slow
@@ -69,6 +74,32 @@ def test_compare_trainer_reports_every_contender(tmp_path):
         # MFU is model FLOP/s over the measured bf16 peak, from the reported token rate.
         expected = line["tokens_per_second"] * line["flops_per_token"] / lines[0]["bf16_flops"]
         assert line["mfu_vs_bf16_peak"] == pytest.approx(expected, rel=1e-6), name
+        # Only distsent's last layer computes [CLS] alone, so only its executed FLOPs are fewer.
+        fewer = line["executed_flops_per_token"] < line["flops_per_token"]
+        assert fewer == (name == "distsent") == line.get("last_layer_cls_only", False), name
+
+
+def test_executed_flops_are_what_a_flop_counter_sees_skipped():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from compare_trainer import model_flops, parameter_breakdown
+
+    # Eager attention: plain matrix products, which the counter sees (CPU SDPA kernels it does not).
+    config = ModelConfig(name="tiny-bert", attn_implementation="eager")
+    full = build_model(config, ["neg", "pos"], vocab_size=1000).eval()
+    shortcut = copy.deepcopy(full)
+    assert use_first_token_last_layer(shortcut)
+    batch, length = 4, 16
+    input_ids = torch.randint(5, 1000, (batch, length))
+
+    def counted(model) -> int:
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.sum().backward()
+        return counter.get_total_flops()
+
+    skipped_per_token = (counted(full) - counted(shortcut)) / (batch * length)
+    flops = model_flops(parameter_breakdown(full), full.config, 1.0, length, {"bf16": 1.0, "fp32": 1.0}, True)
+    assert skipped_per_token > 0
+    assert flops["flops_per_token"] - flops["executed_flops_per_token"] == pytest.approx(skipped_per_token, rel=1e-9)
 
 
 def test_gpu_throughput_script_runs_on_cpu_and_reports_mfu(tmp_path):
@@ -88,6 +119,7 @@ def test_gpu_throughput_script_runs_on_cpu_and_reports_mfu(tmp_path):
         assert run["tokens_per_second"] / run["examples_per_second"] == pytest.approx(run["seq_len"])
         expected = run["tokens_per_second"] * run["flops_per_token"] / peak["bf16_flops"]
         assert run["mfu_vs_bf16_peak"] == pytest.approx(expected, rel=1e-6)
+        assert run["executed_flops_per_token"] < run["flops_per_token"]  # bert's cls head: [CLS]-only last layer
 
 
 def test_attention_benchmark_times_both_and_reports_per_length():
