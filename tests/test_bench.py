@@ -157,6 +157,23 @@ def test_step_profile_splits_a_step_and_rates_its_matrix_products():
     assert last.startswith("command:") and "step_profile.py" in last
 
 
+def test_step_ab_alternates_two_settings_and_reports_block_ratios():
+    command = [sys.executable, "bench/step_ab.py", "--a", "model.last_layer_cls_only=false", "--blocks", "3"]
+    command += ["--steps", "1", "--warmup", "1", "--batch", "4", "--length", "16", "--threads", "1"]
+    result = run_captured([*command, "model.name=tiny-bert"], timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    record_line, last = result.stdout.splitlines()
+    record = json.loads(record_line)
+    assert record["a"] == ["model.last_layer_cls_only=false"] and record["b"] == []
+    assert record["common"] == ["model.name=tiny-bert"] and record["blocks"] == 3
+    assert record["ms_per_step"]["a"] > 0 and record["ms_per_step"]["b"] > 0
+    ratio = record["ratio_b_over_a"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert last.startswith("command:") and "step_ab.py" in last
+    refused = run_captured([*command, "model.name=tiny-bert", "model.no_such_key=1"], timeout=300)
+    assert refused.returncode == 2 and "no_such_key" in refused.stderr
+
+
 def test_step_profile_refuses_a_precision_distsent_would_refuse():
     command = [sys.executable, "bench/step_profile.py", "model.name=tiny-bert", "train.mixed_precision=fp16"]
     result = run_captured(command, timeout=120)
