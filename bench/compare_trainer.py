@@ -237,15 +237,17 @@ def model_flops(
         f"({flops_per_second / peaks['fp32']:.1%} of the {peaks['fp32'] / 1e9:,.1f} GFLOP/s fp32 peak)"
     )
     executed = per_token
+    executed_fraction = mfu_bf16
     if last_layer_cls_only:
         skipped_weights = 2 * hidden * hidden + 2 * hidden * config.intermediate_size
         # Each position but the first: 1 - 1/S of them, in a sequence of S positions.
         skipped = (6 * skipped_weights + 12 * hidden * seq_len) * (1 - 1 / seq_len)
         executed = per_token - skipped
+        executed_fraction = tokens_per_second * executed / peaks["bf16"]
         formula += (
             f"; executed (last layer for [CLS] only): {per_token:,.0f} - (6 x {skipped_weights:,} + 12 x {hidden} x "
             f"{seq_len:.2f}) x (1 - 1/{seq_len:.2f}) = {executed:,.0f} FLOPs/token, "
-            f"{tokens_per_second * executed / peaks['bf16']:.1%} of the bf16 peak"
+            f"{executed_fraction:.1%} of the bf16 peak"
         )
     return {
         "flops_per_token": per_token,
@@ -253,7 +255,7 @@ def model_flops(
         "mfu_vs_bf16_peak": mfu_bf16,
         "mfu_vs_fp32_peak": flops_per_second / peaks["fp32"],
         "executed_flops_per_token": executed,
-        "executed_fraction_of_bf16_peak": tokens_per_second * executed / peaks["bf16"],
+        "executed_fraction_of_bf16_peak": executed_fraction,
         "formula": formula,
     }
 

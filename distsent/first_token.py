@@ -17,6 +17,8 @@ import types
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import eager_attention_forward
 
 log = logging.getLogger("distsent")
 
@@ -50,9 +52,6 @@ def use_first_token_last_layer(model: nn.Module) -> bool:
 
 def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwargs) -> torch.Tensor:
     """BertLayer.forward for position 0: [batch, length, hidden] in, [batch, 1, hidden] out."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.bert.modeling_bert import eager_attention_forward
-
     query_mask = _first_query_rows(attention_mask)
     if query_mask is False:  # a mask this function cannot cut (e.g. flex attention's BlockMask)
         return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)[:, :1]

@@ -79,8 +79,8 @@ def test_compare_trainer_reports_every_contender(tmp_path):
         assert fewer == (name == "distsent") == line.get("last_layer_cls_only", False), name
 
 
-def test_executed_flops_are_what_a_flop_counter_sees_skipped():
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+def test_executed_flops_are_what_a_flop_counter_sees_skipped(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
     from compare_trainer import model_flops, parameter_breakdown
 
     # Eager attention: plain matrix products, which the counter sees (CPU SDPA kernels it does not).

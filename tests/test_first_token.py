@@ -17,11 +17,12 @@ TINY = {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 2, "num_atte
 
 
 def tiny_classifier(model_type: str, attn_implementation: str = "sdpa", dropout: float = 0.0):
-    config = AutoConfig.for_model(model_type, **TINY, intermediate_size=64, num_labels=3)
-    if model_type == "distilbert":
+    if model_type == "distilbert":  # its config names the same sizes differently
         config = AutoConfig.for_model(
             model_type, vocab_size=1000, dim=32, n_layers=2, n_heads=4, hidden_dim=64, num_labels=3
         )
+    else:
+        config = AutoConfig.for_model(model_type, **TINY, intermediate_size=64, num_labels=3)
     for attribute in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
         if hasattr(config, attribute):
             setattr(config, attribute, dropout)
