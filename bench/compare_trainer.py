@@ -313,9 +313,10 @@ def batch_statistics(lengths: list[int], padded: list[int]) -> dict:
     }
 
 
-def distsent_batches(cfg, train_lengths: list[int]) -> tuple[list[int], list[int], list[int]]:
+def distsent_batches(cfg, train_lengths: list[int], packs=None) -> tuple[list[int], list[int], list[int]]:
     """The micro-batches distsent trains on (its own TrainBatchPlan, one process):
-    (real tokens, padded tokens, padded length) per micro-batch."""
+    (real tokens, padded tokens, padded length) per micro-batch. `packs(lengths)` says which
+    batches distsent packed; their token-wise work has no padding (attention's still has)."""
     from distsent.batching import TrainBatchPlan
 
     plan = TrainBatchPlan(
@@ -335,7 +336,7 @@ def distsent_batches(cfg, train_lengths: list[int]) -> tuple[list[int], list[int
             sizes = [train_lengths[i] for i in batch]
             real.append(sum(sizes))
             longest.append(max(sizes))
-            padded.append(max(sizes) * len(sizes))
+            padded.append(sum(sizes) if packs and packs(sizes) else max(sizes) * len(sizes))
             if (index + 1) % cfg.train.grad_accum_steps == 0:
                 step += 1
                 if step >= total:
@@ -486,7 +487,12 @@ def run_distsent(args: argparse.Namespace, workdir: Path, cfg, train_lengths: li
             f"distsent's summary says train_seconds={summary['train_seconds']} but the whole process ran {wall:.1f} s: "
             "its training clock is broken, its tokens/s cannot be trusted"
         )
-    real, padded, longest = distsent_batches(cfg, train_lengths)
+    packs = None
+    if summary["unpadded"]:
+        from distsent.batching import PackingCollator
+
+        packs = PackingCollator(0, 0, summary["unpad_min_padding"]).packs
+    real, padded, longest = distsent_batches(cfg, train_lengths, packs)
     stats = batch_statistics(real, padded)
     if stats["train_tokens"] != summary["train_tokens"]:
         raise SystemExit(
@@ -507,6 +513,7 @@ def run_distsent(args: argparse.Namespace, workdir: Path, cfg, train_lengths: li
         "distsent_reported_accuracy": summary["eval"].get("accuracy"),
         "allocator": summary["allocator"],
         "last_layer_cls_only": summary["last_layer_cls_only"],
+        "unpadded": summary["unpadded"],
         "process_wall_seconds": wall,
         "peak_rss_mib": peak,
         "settings": {"mixed_precision": summary["mixed_precision"], "extra": args.distsent_set},

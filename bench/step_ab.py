@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured steps per side first")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=28, help="tokens per text, [CLS] included")
+    parser.add_argument("--min-length", type=int, default=None, help="shortest text; default: --length")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="distsent config overrides for both sides")
     return parser.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for overrides in (args.a, args.b):
             torch.manual_seed(0)  # the same classifier-head weights on both sides
-            sides.append(TrainingStep([*args.overrides, *overrides], args.batch, args.length))
+            sides.append(TrainingStep([*args.overrides, *overrides], args.batch, args.length, args.min_length))
     except ConfigError as error:
         print(f"step_ab.py: config error: {error}", file=sys.stderr)
         return 2
@@ -83,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "blocks": args.blocks,
         "steps_per_block": args.steps,
+        "packed": {side: "cu_seq_lens" in step.batch for side, step in zip("ab", sides, strict=True)},
         "batch": [args.batch, args.length],
+        "min_length": args.min_length,
         "threads": args.threads,
         "allocator": active_allocator(),
     }

@@ -1,11 +1,13 @@
 """Where one distsent CPU training step's time goes, and how each part scales with threads.
 
-    python bench/step_profile.py [--threads 1,2] [--steps 20] [--batch 32] [--length 28] [KEY=VALUE ...]
+    python bench/step_profile.py [--threads 1,2] [--steps 20] [--batch 32] [--length 28] [--min-length N] [KEY=VALUE ...]
 
 The model and step `distsent train` runs on CPU (the packaged MiniLM unless overridden, its
 last layer for [CLS] only, CPU dropout masks, bf16 autocast, gradient clipping, fused AdamW,
-tcmalloc where installed, else glibc keeping freed memory) on synthetic batches of one length:
-length grouping makes real batches nearly uniform (28 tokens on average for Rotten Tomatoes).
+tcmalloc where installed, else glibc keeping freed memory, packed batches) on synthetic batches
+of one length: length grouping makes real batches nearly uniform (28 tokens on average for
+Rotten Tomatoes). With --min-length, text lengths are drawn uniformly from [min-length, length],
+as in batches that are not grouped.
 For each thread count it prints the milliseconds per step of forward, backward,
 clipping, optimizer step and zero_grad; then one line per heavy operator with its self time
 per step at each thread count, and for matrix products their FLOP/s against the bf16 matmul
@@ -34,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured steps first")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=28, help="tokens per text, [CLS] included")
+    parser.add_argument("--min-length", type=int, default=None, help="shortest text; default: --length")
     parser.add_argument("--top", type=int, default=15, help="operators to list, by self time")
     parser.add_argument("overrides", nargs="*", help="distsent config overrides, e.g. model.name=tiny-bert")
     return parser.parse_args(argv)
@@ -42,33 +45,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class TrainingStep:
     """One optimizer step of `distsent train` on CPU, timed phase by phase."""
 
-    def __init__(self, overrides: list[str], batch: int, length: int) -> None:
+    def __init__(self, overrides: list[str], batch: int, length: int, min_length: int | None = None) -> None:
         import torch
 
         from distsent.allocator import active_allocator
+        from distsent.batching import PackingCollator, PadCollator
         from distsent.config import load_config
         from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
         from distsent.distributed import LaunchInfo, resolve_mixed_precision
         from distsent.first_token import use_first_token_last_layer
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
+        from distsent.packing import min_padding_to_pack, model_inputs, packed_position_offset, use_packed_attention
 
         self.cfg = load_config(None, overrides)
         if active_allocator() == "system" and self.cfg.train.cpu_keep_freed_memory:
             keep_freed_memory()  # as train() does without tcmalloc
         tokenizer = build_tokenizer(self.cfg.model)
         self.model = build_model(self.cfg.model, ["negative", "positive"], len(tokenizer))
-        if self.cfg.model.last_layer_cls_only:
-            use_first_token_last_layer(self.model)
+        first_token_only = self.cfg.model.last_layer_cls_only and use_first_token_last_layer(self.model)
         use_cpu_dropout(self.model)
+        self.packed = self.cfg.train.unpad and first_token_only
+        if self.packed:
+            min_padding = min_padding_to_pack(self.model, self.cfg.train.unpad_min_padding)
+            use_packed_attention(self.model)
         self.model.train()
         self.optimizer, _ = build_optimizer(self.cfg.train, self.model, total_steps=1000, fused=True)
         self.loss_of = classification_loss
+        self.model_inputs = model_inputs
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        self.input_ids = torch.randint(1000, len(tokenizer), (batch, length), generator=generator)
-        self.input_ids[:, 0] = tokenizer.cls_token_id
-        self.attention_mask = torch.ones_like(self.input_ids)
-        self.labels = torch.randint(0, 2, (batch,), generator=generator)
+        lengths = torch.randint(min_length or length, length + 1, (batch,), generator=generator)
+        examples = [
+            {
+                "input_ids": [
+                    tokenizer.cls_token_id,
+                    *torch.randint(1000, len(tokenizer), (n - 1,), generator=generator).tolist(),
+                ],
+                "label": int(torch.randint(0, 2, (), generator=generator)),
+            }
+            for n in lengths.tolist()
+        ]
+        pad_id = tokenizer.pad_token_id
+        collate = (
+            PackingCollator(pad_id, packed_position_offset(self.model), min_padding)
+            if self.packed
+            else PadCollator(pad_id)
+        )
+        self.batch = collate(examples)
+        self.real_tokens = int(lengths.sum())
         # The precision `distsent train` would pick on this CPU; it refuses fp16 there.
         cpu_only = LaunchInfo(world_size=1, rank=0, local_rank=0, use_deepspeed=False, has_cuda=False)
         precision = resolve_mixed_precision(self.cfg.train.mixed_precision, cpu_only)
@@ -79,8 +103,8 @@ class TrainingStep:
 
         marks = [time.perf_counter()]
         with torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            logits = self.model(input_ids=self.input_ids, attention_mask=self.attention_mask).logits
-        loss = self.loss_of(logits.float(), self.labels, None)
+            logits = self.model(**self.model_inputs(self.batch)).logits
+        loss = self.loss_of(logits.float(), self.batch["labels"], None)
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())
@@ -130,11 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
     thread_counts = [int(count) for count in args.threads.split(",")]
     try:
-        step = TrainingStep(args.overrides, args.batch, args.length)
+        step = TrainingStep(args.overrides, args.batch, args.length, args.min_length)
     except ConfigError as error:
         print(f"step_profile.py: config error: {error}", file=sys.stderr)
         return 2
-    tokens = args.batch * args.length
     peak = gemm_peak(max(thread_counts))["bf16"]
     operators = {}
     for threads in thread_counts:
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         phases = mean_phases(step, args.steps)
         step_ms = sum(phases.values())
         record = {"threads": threads, "phases_ms": {k: round(v, 2) for k, v in phases.items()}}
-        record.update(step_ms=round(step_ms, 2), tokens_per_second=round(tokens / step_ms * 1000, 1))
+        record.update(step_ms=round(step_ms, 2), tokens_per_second=round(step.real_tokens / step_ms * 1000, 1))
         print(json.dumps(record), flush=True)
         operators[threads] = operator_times(step, args.steps)
 

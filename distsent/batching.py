@@ -1,4 +1,4 @@
-"""Batching: which examples each process sees, in which order, and how they are padded.
+"""Batching: which examples each process sees, in which order, and how they are padded or packed.
 
 The training order is a pure function of (seed, epoch), computed identically on every
 rank, so sharding needs no communication and a resumed run can skip straight to any
@@ -103,3 +103,39 @@ class PadCollator:
             attention_mask[row, : len(ids)] = 1
         labels = torch.as_tensor([e["label"] for e in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PackingCollator:
+    """Concatenates a batch's tokenised examples into one packed row (packing.py), or pads them
+    when padding would be at most `min_padding` of the padded positions: packing costs a few
+    index copies per layer, which cost more than a little padding (bench/RESULTS.md).
+
+    `position_offset` is where the model's position ids start: 0 for BERT and ELECTRA,
+    padding index + 1 for RoBERTa and its kin, as their embeddings count."""
+
+    def __init__(self, pad_token_id: int, position_offset: int, min_padding: float) -> None:
+        self.pad = PadCollator(pad_token_id)
+        self.position_offset = position_offset
+        self.min_padding = min_padding
+
+    def packs(self, lengths: Sequence[int]) -> bool:
+        """Whether a batch of texts of these lengths is packed."""
+        return sum(lengths) < (1 - self.min_padding) * max(lengths) * len(lengths)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        lengths = [len(e["input_ids"]) for e in examples]
+        if not self.packs(lengths):
+            return self.pad(examples)
+        input_ids = torch.cat([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])
+        positions = torch.cat([torch.arange(n) for n in lengths]) + self.position_offset
+        cumulative = torch.zeros(len(examples) + 1, dtype=torch.int32)
+        torch.cumsum(torch.as_tensor(lengths), dim=0, out=cumulative[1:])
+        return {
+            "input_ids": input_ids.unsqueeze(0),
+            "position_ids": positions.unsqueeze(0),
+            # int32: FlashAttention's varlen kernels take no other type.
+            "cu_seq_lens": cumulative,
+            "labels": torch.as_tensor([e["label"] for e in examples], dtype=torch.long),
+            # A host int: kernels size their work by it, and reading it from the device would wait.
+            "max_length": max(lengths),
+        }

@@ -189,6 +189,12 @@ class TrainConfig:
     """Autocast precision; `auto` picks bf16 where the device supports it, else fp32."""
     length_grouping: bool = True
     """Batch texts of similar length together (less padding); global batches stay random."""
+    unpad: bool = True
+    """Train on packed batches, the texts concatenated without padding, so only attention sees
+    pad positions; applies where the last layer computes [CLS] only (model.last_layer_cls_only)."""
+    unpad_min_padding: float | None = None
+    """Batches with at most this fraction of padding stay padded, as packing costs a few copies
+    per layer; None: 0 with FlashAttention (packed natively), else 0.02."""
     log_every_steps: int = 20
     """Log train loss every N optimizer steps."""
     eval_every_steps: int | None = None
@@ -227,6 +233,7 @@ class TrainConfig:
         _check_range("train.adam_beta2", self.adam_beta2, 0.0, 1.0)
         _check_range("train.adam_eps", self.adam_eps, 0.0, 1.0, exclusive_low=True)
         _check_range("train.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        _check_range("train.unpad_min_padding", self.unpad_min_padding, 0.0, 1.0, allow_none=True)
         _check_range("train.warmup_steps", self.warmup_steps, 0, None, allow_none=True)
         _check_range("train.max_grad_norm", self.max_grad_norm, 0.0, None)
         _check_range("train.log_every_steps", self.log_every_steps, 1, None)

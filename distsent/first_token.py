@@ -51,17 +51,29 @@ def use_first_token_last_layer(model: nn.Module) -> bool:
 
 
 def _first_token_forward(layer, hidden_states, attention_mask=None, *args, **kwargs) -> torch.Tensor:
-    """BertLayer.forward for position 0: [batch, length, hidden] in, [batch, 1, hidden] out."""
+    """BertLayer.forward for each text's first position: [batch, length, hidden] in, or a packed
+    [1, tokens, hidden] (packing.py); [batch, 1, hidden] out, one row per text."""
     query_mask = _first_query_rows(attention_mask)
     if query_mask is False:  # a mask this function cannot cut (e.g. flex attention's BlockMask)
         return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)[:, :1]
     attention = layer.attention.self
-    batch, length = hidden_states.shape[:2]
     head_size = attention.attention_head_size
-    first = hidden_states[:, :1]
+    cumulative = kwargs.get("cu_seq_lens_k")
+    if cumulative is None:
+        batch, length = hidden_states.shape[:2]
+        first = hidden_states[:, :1]
+    else:
+        # Packed: each text's first token sits where the text starts; one query per text.
+        batch, length = cumulative.numel() - 1, hidden_states.size(1)
+        first = hidden_states[:, cumulative[:-1]].view(batch, 1, -1)
+        one_each = torch.arange(batch + 1, dtype=cumulative.dtype, device=cumulative.device)
+        kwargs = {**kwargs, "cu_seq_lens_q": one_each, "max_length_q": 1}
     query = attention.query(first).view(batch, 1, -1, head_size).transpose(1, 2)
-    key = attention.key(hidden_states).view(batch, length, -1, head_size).transpose(1, 2)
-    value = attention.value(hidden_states).view(batch, length, -1, head_size).transpose(1, 2)
+    if cumulative is not None:  # to the packed layout, [1, heads, texts, head size]
+        query = query.transpose(0, 2)
+    rows = hidden_states.size(0)
+    key = attention.key(hidden_states).view(rows, length, -1, head_size).transpose(1, 2)
+    value = attention.value(hidden_states).view(rows, length, -1, head_size).transpose(1, 2)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
     kwargs.pop("encoder_attention_mask", None)
     kwargs.pop("past_key_values", None)

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from distsent.allocator import ALLOCATOR_ENV, active_allocator
-from distsent.batching import PadCollator, TrainBatchPlan
+from distsent.batching import PackingCollator, PadCollator, TrainBatchPlan
 from distsent.build_locks import describe_stale_lock, stale_build_locks
 from distsent.checkpoint import (
     archive_history,
@@ -36,6 +36,13 @@ from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
+from distsent.packing import (
+    min_padding_to_pack,
+    model_inputs,
+    packed_position_offset,
+    real_tokens,
+    use_packed_attention,
+)
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.tracking import RunLogger, peak_memory_mib
@@ -165,13 +172,22 @@ def train(cfg: Config) -> dict:
         if on_cpu and not cfg.train.compile:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
+        # After the CPU attention is chosen: the packed wrapper wraps whichever kernel it is.
+        packed = cfg.train.unpad and first_token_only
+        min_padding = min_padding_to_pack(model, cfg.train.unpad_min_padding) if packed else None
+        if packed:
+            use_packed_attention(model)
         trainable, frozen = parameter_counts(model)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.
         fused = accelerator.device.type in ("cpu", "cuda")
         optimizer, scheduler = build_optimizer(cfg.train, model, total_steps, fused=fused)
         # The scheduler is not prepared: accelerate would step it once per process.
         model, optimizer = accelerator.prepare(model, optimizer)
-        collator = PadCollator(tokenizer.pad_token_id)
+        collator = (
+            PackingCollator(tokenizer.pad_token_id, packed_position_offset(model), min_padding)
+            if packed
+            else PadCollator(tokenizer.pad_token_id)
+        )
         class_weights = build_class_weights(
             cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device
         )
@@ -213,6 +229,12 @@ def train(cfg: Config) -> dict:
                     f"{accelerator.distributed_type.value}, {world_size} process(es) on {accelerator.device.type}"
                 ),
                 "precision": accelerator.mixed_precision,
+                "batches": (
+                    f"packed where over {min_padding:.0%} would be padding (train.unpad), else padded"
+                    if packed
+                    else "padded to the longest text"
+                )
+                + (", grouped by length" if cfg.train.length_grouping else ""),
                 "allocator": (
                     f"{allocator} ({ALLOCATOR_ENV})"
                     + (", freed memory kept for reuse (train.cpu_keep_freed_memory)" if kept_freed_memory else "")
@@ -299,9 +321,12 @@ def train(cfg: Config) -> dict:
             )
             step_start = time.perf_counter()
             for batch in loader:
-                batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
+                batch = {
+                    key: value.to(accelerator.device, non_blocking=True) if torch.is_tensor(value) else value
+                    for key, value in batch.items()
+                }
                 with accelerator.accumulate(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model(**model_inputs(batch)).logits
                     loss = classification_loss(logits, batch["labels"], class_weights)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -310,7 +335,7 @@ def train(cfg: Config) -> dict:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
-                window_tokens += batch["attention_mask"].sum()
+                window_tokens += real_tokens(batch)
                 state.window_micro_batches += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -386,6 +411,8 @@ def train(cfg: Config) -> dict:
             "distributed_type": accelerator.distributed_type.value,
             "allocator": allocator,
             "last_layer_cls_only": first_token_only,
+            "unpadded": packed,
+            "unpad_min_padding": min_padding if packed else None,
             "train_seconds": round(state.train_seconds, 3),
             "train_tokens": state.train_tokens,
             "train_tokens_per_second": state.train_tokens / state.train_seconds,

@@ -124,3 +124,26 @@ def test_compiled_training_matches_eager(tmp_path: Path):
     a, b = load_file(eager / "final" / "model.safetensors"), load_file(compiled / "final" / "model.safetensors")
     assert a.keys() == b.keys()  # no _orig_mod. prefixes from the compiled wrapper
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_packed_training_matches_padded(tmp_path: Path):
+    # fp32, no dropout, random (ungrouped) batches so most carry padding: packed and padded runs
+    # then differ only by rounding, and count the same real tokens.
+    common = [
+        *TINY,
+        "model.dropout=0.0",
+        "train.max_steps=6",
+        "train.eval_every_epoch=false",
+        "train.length_grouping=false",
+        "train.unpad_min_padding=0.0",
+    ]
+    padded, packed = tmp_path / "padded", tmp_path / "packed"
+    run_cli("train", *common, "train.unpad=false", f"output_dir={padded}")
+    result = run_cli("train", *common, f"output_dir={packed}")
+    assert banner_value(result.stdout, "batches").startswith("packed where over 0% would be padding")
+    summaries = read_summary(padded), read_summary(packed)
+    assert [s["unpadded"] for s in summaries] == [False, True]
+    assert summaries[0]["train_tokens"] == summaries[1]["train_tokens"]
+    a, b = load_file(padded / "final" / "model.safetensors"), load_file(packed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

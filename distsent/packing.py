@@ -1,0 +1,159 @@
+"""Unpadded ("packed") training batches: a batch's texts concatenated, without padding.
+
+Padded to its longest text, a batch makes every linear layer, norm and dropout of the encoder
+also run on pad positions: about half of all positions in random batches of movie reviews,
+a few percent once length grouping has made batches homogeneous. Packed, the token-wise work
+runs on real tokens only. A packed batch follows transformers' padding-free convention:
+`input_ids` and `position_ids` are [1, total tokens], positions restart at each text, and the
+cumulative text lengths `cu_seq_lens_q`/`cu_seq_lens_k` (FlashAttention's varlen layout) tell
+attention where each text starts.
+
+Attention is the one place where texts meet. FlashAttention's varlen kernel takes the packed
+layout as it is; transformers passes the cumulative lengths through. Other kernels (SDPA,
+eager, distsent's CPU training attention) are wrapped by `packed_attention`, which scatters
+queries, keys and values into a [texts, heads, longest, head size] block with a padding mask
+and gathers the output back: four index copies per layer for the token-wise work saved.
+
+The classifier reads each text's first token, which the [CLS]-only last layer
+(first_token.py) picks out of the packed sequence; so packing goes with that layer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import eager_attention_forward
+
+# FlashAttention kernels read the packed layout natively and are not wrapped.
+NATIVELY_PACKED = ("flash_attention_2", "flash_attention_3")
+WRAPPER_PREFIX = "distsent_packed_"
+# Below this fraction of padding a batch stays padded for the wrapped kernels: packing cost
+# about 1% of a MiniLM-L6 step on CPU at 28 tokens per text (bench/RESULTS.md).
+WRAPPED_MIN_PADDING = 0.02
+
+
+def min_padding_to_pack(model: nn.Module, configured: float | None) -> float:
+    """The padding fraction above which a batch is packed (train.unpad_min_padding)."""
+    if configured is not None:
+        return configured
+    return 0.0 if model.config._attn_implementation in NATIVELY_PACKED else WRAPPED_MIN_PADDING
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments of the model's forward for a padded or a packed batch."""
+    if "cu_seq_lens" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    cumulative, longest = batch["cu_seq_lens"], batch["max_length"]
+    return {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "cu_seq_lens_q": cumulative,
+        "cu_seq_lens_k": cumulative,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def real_tokens(batch: dict) -> torch.Tensor | int:
+    """The batch's non-padding tokens."""
+    return batch["input_ids"].numel() if "cu_seq_lens" in batch else batch["attention_mask"].sum()
+
+
+def packed_position_offset(model: nn.Module) -> int:
+    """Where `model`'s position ids start for a text's first token."""
+    # RoBERTa-style embeddings number positions from padding_idx + 1; BERT's from 0.
+    padding_index = getattr(model.base_model.embeddings, "padding_idx", None)
+    return 0 if padding_index is None else padding_index + 1
+
+
+def use_packed_attention(model: nn.Module) -> None:
+    """Let every attention layer of `model` take packed batches; padded batches work as before."""
+    for module in model.modules():
+        if not isinstance(module, PreTrainedModel):
+            continue
+        kernel = module.config._attn_implementation
+        if kernel in NATIVELY_PACKED or kernel.startswith(WRAPPER_PREFIX):
+            continue
+        wrapper = WRAPPER_PREFIX + kernel
+        AttentionInterface.register(wrapper, functools.partial(packed_attention, kernel=kernel))
+        # Padded batches (evaluation) still build the mask the wrapped kernel expects.
+        AttentionMaskInterface.register(wrapper, ALL_MASK_ATTENTION_FUNCTIONS[kernel])
+        module.config._attn_implementation = wrapper
+
+
+def packed_attention(module, query, key, value, attention_mask, *, kernel: str, **kwargs):
+    """Attention by `kernel` for packed inputs ([1, heads, tokens, head size]), through a padded block.
+
+    Inputs without cumulative lengths (padded batches) go to `kernel` unchanged."""
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(kernel, eager_attention_forward)
+    cu_queries, cu_keys = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
+    if cu_queries is None or cu_keys is None:
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    longest_query, longest_key = kwargs.pop("max_length_q"), kwargs.pop("max_length_k")
+    layout = _key_layout(cu_keys, longest_key, key.size(2), query.dtype)
+    texts = cu_keys.numel() - 1
+    if longest_query == 1:  # one query per text (the [CLS]-only last layer): already a block
+        padded_query, query_slots = query.transpose(0, 2), None
+    else:
+        query_slots = (
+            layout.slots if cu_queries is cu_keys else _padded_slots(cu_queries, longest_query, query.size(2))[0]
+        )
+        padded_query = _to_padded(query, query_slots, texts, longest_query)
+    output, _ = attend(
+        module,
+        padded_query,
+        _to_padded(key, layout.slots, texts, longest_key),
+        _to_padded(value, layout.slots, texts, longest_key),
+        layout.mask,
+        **kwargs,
+    )
+    # [texts, longest, heads, head size] back to [1, tokens, heads, head size].
+    rows = output.reshape(-1, *output.shape[2:])
+    return (rows if query_slots is None else rows.index_select(0, query_slots)).unsqueeze(0), None
+
+
+class _KeyLayout(NamedTuple):
+    slots: torch.Tensor
+    """Each packed token's row in the [texts x longest] padded block."""
+    mask: torch.Tensor
+    """Additive [texts, 1, 1, longest] mask of the padding: every kernel here (eager's too) adds it."""
+
+
+# Every layer of one forward pass gets the same cumulative-lengths tensor, so its layout is
+# computed once. Holding the tensor keeps its id from being reused by another.
+_last_key_layout: tuple[torch.Tensor, int, torch.dtype, _KeyLayout] | None = None
+
+
+def _key_layout(cumulative: torch.Tensor, longest: int, tokens: int, dtype: torch.dtype) -> _KeyLayout:
+    global _last_key_layout
+    cached = _last_key_layout
+    if cached is not None and cached[0] is cumulative and cached[1:3] == (longest, dtype):
+        return cached[3]
+    slots, present = _padded_slots(cumulative, longest, tokens)
+    mask = torch.zeros(present.shape, dtype=dtype, device=present.device)
+    mask.masked_fill_(present.logical_not(), torch.finfo(dtype).min)
+    layout = _KeyLayout(slots, mask[:, None, None, :])
+    _last_key_layout = (cumulative, longest, dtype, layout)
+    return layout
+
+
+def _padded_slots(cumulative: torch.Tensor, longest: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each packed token's row in a [texts x longest] padded block, and where the block holds tokens."""
+    lengths = cumulative.diff()
+    present = torch.arange(longest, device=cumulative.device) < lengths[:, None]
+    # nonzero_static: the count is known here, so CUDA need not wait to learn it.
+    return torch.nonzero_static(present.flatten(), size=tokens).squeeze(1), present
+
+
+def _to_padded(packed: torch.Tensor, slots: torch.Tensor, texts: int, longest: int) -> torch.Tensor:
+    """[1, heads, tokens, head size] to [texts, heads, longest, head size], zeros at padding."""
+    heads, head_size = packed.size(1), packed.size(3)
+    rows = packed[0].transpose(0, 1)  # [tokens, heads, head size]
+    padded = rows.new_zeros(texts * longest, heads, head_size).index_copy(0, slots, rows)
+    return padded.view(texts, longest, heads, head_size).transpose(1, 2)
