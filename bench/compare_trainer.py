@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -313,9 +314,9 @@ def batch_statistics(lengths: list[int], padded: list[int]) -> dict:
     }
 
 
-def distsent_batches(cfg, train_lengths: list[int], packs=None) -> tuple[list[int], list[int], list[int]]:
+def distsent_batches(cfg, train_lengths: list[int], packed=None) -> tuple[list[int], list[int], list[int]]:
     """The micro-batches distsent trains on (its own TrainBatchPlan, one process):
-    (real tokens, padded tokens, padded length) per micro-batch. `packs(lengths)` says which
+    (real tokens, padded tokens, padded length) per micro-batch. `packed(lengths)` says which
     batches distsent packed; their token-wise work has no padding (attention's still has)."""
     from distsent.batching import TrainBatchPlan
 
@@ -336,7 +337,7 @@ def distsent_batches(cfg, train_lengths: list[int], packs=None) -> tuple[list[in
             sizes = [train_lengths[i] for i in batch]
             real.append(sum(sizes))
             longest.append(max(sizes))
-            padded.append(sum(sizes) if packs and packs(sizes) else max(sizes) * len(sizes))
+            padded.append(sum(sizes) if packed and packed(sizes) else max(sizes) * len(sizes))
             if (index + 1) % cfg.train.grad_accum_steps == 0:
                 step += 1
                 if step >= total:
@@ -487,12 +488,12 @@ def run_distsent(args: argparse.Namespace, workdir: Path, cfg, train_lengths: li
             f"distsent's summary says train_seconds={summary['train_seconds']} but the whole process ran {wall:.1f} s: "
             "its training clock is broken, its tokens/s cannot be trusted"
         )
-    packs = None
+    packed = None
     if summary["unpadded"]:
-        from distsent.batching import PackingCollator
+        from distsent.batching import packs
 
-        packs = PackingCollator(0, 0, summary["unpad_min_padding"]).packs
-    real, padded, longest = distsent_batches(cfg, train_lengths, packs)
+        packed = functools.partial(packs, min_padding=summary["unpad_min_padding"])
+    real, padded, longest = distsent_batches(cfg, train_lengths, packed)
     stats = batch_statistics(real, padded)
     if stats["train_tokens"] != summary["train_tokens"]:
         raise SystemExit(

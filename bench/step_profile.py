@@ -4,10 +4,10 @@
 
 The model and step `distsent train` runs on CPU (the packaged MiniLM unless overridden, its
 last layer for [CLS] only, CPU dropout masks, bf16 autocast, gradient clipping, fused AdamW,
-tcmalloc where installed, else glibc keeping freed memory, packed batches) on synthetic batches
-of one length: length grouping makes real batches nearly uniform (28 tokens on average for
-Rotten Tomatoes). With --min-length, text lengths are drawn uniformly from [min-length, length],
-as in batches that are not grouped.
+tcmalloc where installed, else glibc keeping freed memory) on synthetic batches of one length:
+length grouping makes real batches nearly uniform (28 tokens on average for Rotten Tomatoes).
+With --min-length, text lengths are drawn uniformly from [min-length, length], as in batches
+that are not grouped, and the batch is packed where `distsent train` would pack it.
 For each thread count it prints the milliseconds per step of forward, backward,
 clipping, optimizer step and zero_grad; then one line per heavy operator with its self time
 per step at each thread count, and for matrix products their FLOP/s against the bf16 matmul
@@ -49,14 +49,14 @@ class TrainingStep:
         import torch
 
         from distsent.allocator import active_allocator
-        from distsent.batching import PackingCollator, PadCollator
+        from distsent.batching import PadCollator
         from distsent.config import load_config
         from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
         from distsent.distributed import LaunchInfo, resolve_mixed_precision
         from distsent.first_token import use_first_token_last_layer
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
-        from distsent.packing import min_padding_to_pack, model_inputs, packed_position_offset, use_packed_attention
+        from distsent.packing import model_inputs, use_packing
 
         self.cfg = load_config(None, overrides)
         if active_allocator() == "system" and self.cfg.train.cpu_keep_freed_memory:
@@ -65,16 +65,19 @@ class TrainingStep:
         self.model = build_model(self.cfg.model, ["negative", "positive"], len(tokenizer))
         first_token_only = self.cfg.model.last_layer_cls_only and use_first_token_last_layer(self.model)
         use_cpu_dropout(self.model)
-        self.packed = self.cfg.train.unpad and first_token_only
-        if self.packed:
-            min_padding = min_padding_to_pack(self.model, self.cfg.train.unpad_min_padding)
-            use_packed_attention(self.model)
+        pad_id = tokenizer.pad_token_id
+        collate = (
+            use_packing(self.model, pad_id, self.cfg.train.unpad_min_padding)
+            if self.cfg.train.unpad and first_token_only
+            else PadCollator(pad_id)
+        )
         self.model.train()
         self.optimizer, _ = build_optimizer(self.cfg.train, self.model, total_steps=1000, fused=True)
         self.loss_of = classification_loss
         self.model_inputs = model_inputs
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
-        lengths = torch.randint(min_length or length, length + 1, (batch,), generator=generator)
+        shortest = length if min_length is None else min_length
+        lengths = torch.randint(shortest, length + 1, (batch,), generator=generator)
         examples = [
             {
                 "input_ids": [
@@ -85,12 +88,6 @@ class TrainingStep:
             }
             for n in lengths.tolist()
         ]
-        pad_id = tokenizer.pad_token_id
-        collate = (
-            PackingCollator(pad_id, packed_position_offset(self.model), min_padding)
-            if self.packed
-            else PadCollator(pad_id)
-        )
         self.batch = collate(examples)
         self.real_tokens = int(lengths.sum())
         # The precision `distsent train` would pick on this CPU; it refuses fp16 there.
@@ -98,12 +95,19 @@ class TrainingStep:
         precision = resolve_mixed_precision(self.cfg.train.mixed_precision, cpu_only)
         self.dtype = torch.bfloat16 if precision == "bf16" else None
 
+    def fresh_batch(self) -> dict:
+        """The batch, with a new cu_seq_lens tensor if packed, as every real step has: its
+        attention layout is then built once per step, as in training, not once per run."""
+        if "cu_seq_lens" not in self.batch:
+            return self.batch
+        return {**self.batch, "cu_seq_lens": self.batch["cu_seq_lens"].clone()}
+
     def run(self) -> dict[str, float]:
         import torch
 
         marks = [time.perf_counter()]
         with torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-            logits = self.model(**self.model_inputs(self.batch)).logits
+            logits = self.model(**self.model_inputs(self.fresh_batch())).logits
         loss = self.loss_of(logits.float(), self.batch["labels"], None)
         marks.append(time.perf_counter())
         loss.backward()

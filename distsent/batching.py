@@ -104,27 +104,38 @@ class PadCollator:
         labels = torch.as_tensor([e["label"] for e in examples], dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
+    def describe(self) -> str:
+        return "padded to the longest text"
+
+
+def packs(lengths: Sequence[int], min_padding: float | None) -> bool:
+    """Whether a batch of texts of these lengths is packed: where padding them would exceed
+    `min_padding` of the padded positions; always where `min_padding` is None."""
+    positions = max(lengths) * len(lengths)
+    return min_padding is None or positions - sum(lengths) > min_padding * positions
+
 
 class PackingCollator:
     """Concatenates a batch's tokenised examples into one packed row (packing.py), or pads them
-    when padding would be at most `min_padding` of the padded positions: packing costs a few
-    index copies per layer, which cost more than a little padding (bench/RESULTS.md).
+    where `packs` says no: with the wrapped attention kernels packing costs a few index copies
+    per layer, which cost more than a little padding (bench/RESULTS.md).
 
     `position_offset` is where the model's position ids start: 0 for BERT and ELECTRA,
     padding index + 1 for RoBERTa and its kin, as their embeddings count."""
 
-    def __init__(self, pad_token_id: int, position_offset: int, min_padding: float) -> None:
+    def __init__(self, pad_token_id: int, position_offset: int, min_padding: float | None) -> None:
         self.pad = PadCollator(pad_token_id)
         self.position_offset = position_offset
         self.min_padding = min_padding
 
-    def packs(self, lengths: Sequence[int]) -> bool:
-        """Whether a batch of texts of these lengths is packed."""
-        return sum(lengths) < (1 - self.min_padding) * max(lengths) * len(lengths)
+    def describe(self) -> str:
+        if self.min_padding is None:
+            return "packed (train.unpad)"
+        return f"packed where over {self.min_padding:.1%} would be padding, else padded (train.unpad)"
 
     def __call__(self, examples: list[dict]) -> dict:
         lengths = [len(e["input_ids"]) for e in examples]
-        if not self.packs(lengths):
+        if not packs(lengths, self.min_padding):
             return self.pad(examples)
         input_ids = torch.cat([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])
         positions = torch.cat([torch.arange(n) for n in lengths]) + self.position_offset

@@ -194,7 +194,7 @@ class TrainConfig:
     pad positions; applies where the last layer computes [CLS] only (model.last_layer_cls_only)."""
     unpad_min_padding: float | None = None
     """Batches with at most this fraction of padding stay padded, as packing costs a few copies
-    per layer; None: 0 with FlashAttention (packed natively), else 0.02."""
+    per layer; None: every batch packed with FlashAttention (packed natively), else 0.02."""
     log_every_steps: int = 20
     """Log train loss every N optimizer steps."""
     eval_every_steps: int | None = None

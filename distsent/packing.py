@@ -30,19 +30,27 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
+from distsent.batching import PackingCollator
+
 # FlashAttention kernels read the packed layout natively and are not wrapped.
 NATIVELY_PACKED = ("flash_attention_2", "flash_attention_3")
 WRAPPER_PREFIX = "distsent_packed_"
-# Below this fraction of padding a batch stays padded for the wrapped kernels: packing cost
-# about 1% of a MiniLM-L6 step on CPU at 28 tokens per text (bench/RESULTS.md).
+# Up to this fraction of padding a batch stays padded for the wrapped kernels: packing a
+# batch of 28-token texts cost about 1% of a MiniLM-L6 CPU step more than padding 1.8% of it
+# (bench/RESULTS.md, "Packed batches").
 WRAPPED_MIN_PADDING = 0.02
 
 
-def min_padding_to_pack(model: nn.Module, configured: float | None) -> float:
-    """The padding fraction above which a batch is packed (train.unpad_min_padding)."""
-    if configured is not None:
-        return configured
-    return 0.0 if model.config._attn_implementation in NATIVELY_PACKED else WRAPPED_MIN_PADDING
+def use_packing(model: nn.Module, pad_token_id: int, min_padding: float | None) -> PackingCollator:
+    """Let `model` (its last layer for [CLS] only) train on packed batches; returns their collator.
+
+    `min_padding` (train.unpad_min_padding): the padding fraction above which a batch is
+    packed; None: every batch with FlashAttention, which reads packed inputs natively and so
+    never pays for a mask, else WRAPPED_MIN_PADDING."""
+    if min_padding is None and model.config._attn_implementation not in NATIVELY_PACKED:
+        min_padding = WRAPPED_MIN_PADDING
+    use_packed_attention(model)
+    return PackingCollator(pad_token_id, packed_position_offset(model), min_padding)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -132,14 +140,17 @@ _last_key_layout: tuple[torch.Tensor, int, torch.dtype, _KeyLayout] | None = Non
 
 def _key_layout(cumulative: torch.Tensor, longest: int, tokens: int, dtype: torch.dtype) -> _KeyLayout:
     global _last_key_layout
+    # Compiled layers (train.compile) build it each time: a global cache would be a guard.
+    compiling = torch.compiler.is_compiling()
     cached = _last_key_layout
-    if cached is not None and cached[0] is cumulative and cached[1:3] == (longest, dtype):
+    if not compiling and cached is not None and cached[0] is cumulative and cached[1:3] == (longest, dtype):
         return cached[3]
     slots, present = _padded_slots(cumulative, longest, tokens)
     mask = torch.zeros(present.shape, dtype=dtype, device=present.device)
     mask.masked_fill_(present.logical_not(), torch.finfo(dtype).min)
     layout = _KeyLayout(slots, mask[:, None, None, :])
-    _last_key_layout = (cumulative, longest, dtype, layout)
+    if not compiling:
+        _last_key_layout = (cumulative, longest, dtype, layout)
     return layout
 
 

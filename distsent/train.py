@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from distsent.allocator import ALLOCATOR_ENV, active_allocator
-from distsent.batching import PackingCollator, PadCollator, TrainBatchPlan
+from distsent.batching import PadCollator, TrainBatchPlan
 from distsent.build_locks import describe_stale_lock, stale_build_locks
 from distsent.checkpoint import (
     archive_history,
@@ -36,13 +36,7 @@ from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
-from distsent.packing import (
-    min_padding_to_pack,
-    model_inputs,
-    packed_position_offset,
-    real_tokens,
-    use_packed_attention,
-)
+from distsent.packing import model_inputs, real_tokens, use_packing
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.tracking import RunLogger, peak_memory_mib
@@ -172,22 +166,19 @@ def train(cfg: Config) -> dict:
         if on_cpu and not cfg.train.compile:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
-        # After the CPU attention is chosen: the packed wrapper wraps whichever kernel it is.
+        # After the CPU attention is chosen: packing wraps whichever kernel it is.
         packed = cfg.train.unpad and first_token_only
-        min_padding = min_padding_to_pack(model, cfg.train.unpad_min_padding) if packed else None
-        if packed:
-            use_packed_attention(model)
+        collator = (
+            use_packing(model, tokenizer.pad_token_id, cfg.train.unpad_min_padding)
+            if packed
+            else PadCollator(tokenizer.pad_token_id)
+        )
         trainable, frozen = parameter_counts(model)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.
         fused = accelerator.device.type in ("cpu", "cuda")
         optimizer, scheduler = build_optimizer(cfg.train, model, total_steps, fused=fused)
         # The scheduler is not prepared: accelerate would step it once per process.
         model, optimizer = accelerator.prepare(model, optimizer)
-        collator = (
-            PackingCollator(tokenizer.pad_token_id, packed_position_offset(model), min_padding)
-            if packed
-            else PadCollator(tokenizer.pad_token_id)
-        )
         class_weights = build_class_weights(
             cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device
         )
@@ -229,12 +220,7 @@ def train(cfg: Config) -> dict:
                     f"{accelerator.distributed_type.value}, {world_size} process(es) on {accelerator.device.type}"
                 ),
                 "precision": accelerator.mixed_precision,
-                "batches": (
-                    f"packed where over {min_padding:.0%} would be padding (train.unpad), else padded"
-                    if packed
-                    else "padded to the longest text"
-                )
-                + (", grouped by length" if cfg.train.length_grouping else ""),
+                "batches": collator.describe() + (", grouped by length" if cfg.train.length_grouping else ""),
                 "allocator": (
                     f"{allocator} ({ALLOCATOR_ENV})"
                     + (", freed memory kept for reuse (train.cpu_keep_freed_memory)" if kept_freed_memory else "")
@@ -308,6 +294,7 @@ def train(cfg: Config) -> dict:
             validate_and_export_best()
 
         grad_norm = None
+        packed_micro_batches = 0  # by this process since it started
         model.train()
         while state.global_step < total_steps:
             epoch, step_in_epoch = divmod(state.global_step, steps_per_epoch)
@@ -336,6 +323,7 @@ def train(cfg: Config) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
                 window_tokens += real_tokens(batch)
+                packed_micro_batches += "cu_seq_lens" in batch
                 state.window_micro_batches += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -412,7 +400,8 @@ def train(cfg: Config) -> dict:
             "allocator": allocator,
             "last_layer_cls_only": first_token_only,
             "unpadded": packed,
-            "unpad_min_padding": min_padding if packed else None,
+            "unpad_min_padding": collator.min_padding if packed else None,
+            "packed_micro_batches": packed_micro_batches,
             "train_seconds": round(state.train_seconds, 3),
             "train_tokens": state.train_tokens,
             "train_tokens_per_second": state.train_tokens / state.train_seconds,

@@ -6,13 +6,12 @@ import itertools
 
 import pytest
 import torch
-from transformers import AttentionInterface
 
 from distsent import packing
-from distsent.batching import PackingCollator, PadCollator
+from distsent.batching import PackingCollator, PadCollator, packs
 from distsent.cpu_training import use_cpu_dropout
 from distsent.first_token import use_first_token_last_layer
-from distsent.packing import min_padding_to_pack, model_inputs, packed_position_offset, use_packed_attention
+from distsent.packing import model_inputs, packed_position_offset, use_packed_attention, use_packing
 from tests.test_first_token import tiny_classifier
 
 LENGTHS = [6, 11, 3, 9]
@@ -85,10 +84,11 @@ def test_texts_in_one_packed_row_do_not_see_each_other_in_training():
 
 
 def test_collator_packs_only_batches_with_more_padding_than_the_threshold():
+    assert not packs([10, 10, 9], min_padding=0.1)  # 1 of 30 positions would be padding
+    assert packs([10, 10, 6], min_padding=0.1)  # 4 of 30
+    assert not packs([10, 10, 10], min_padding=0.0)
+    assert packs([10, 10, 10], min_padding=None)
     collate = PackingCollator(pad_token_id=0, position_offset=2, min_padding=0.1)
-    assert not collate.packs([10, 10, 9])  # 1 of 30 positions would be padding
-    assert not collate.packs([10, 10, 7])  # 3 of 30: at the threshold, not over it
-    assert collate.packs([10, 10, 6])  # 4 of 30
     assert "attention_mask" in collate(examples([10, 10, 9]))
     batch = collate(examples([3, 5, 2]))
     assert batch["input_ids"].shape == (1, 10)
@@ -107,40 +107,72 @@ def test_position_ids_start_where_each_architecture_counts_from():
     assert packed_position_offset(roberta) == roberta.config.pad_token_id + 1
 
 
-def test_packing_threshold_is_zero_only_for_kernels_that_read_packed_inputs_natively():
-    assert min_padding_to_pack(tiny_classifier("bert"), None) == packing.WRAPPED_MIN_PADDING
+def test_packing_threshold_is_set_only_for_wrapped_kernels():
+    assert use_packing(tiny_classifier("bert"), 0, None).min_padding == packing.WRAPPED_MIN_PADDING
+    assert use_packing(tiny_classifier("bert"), 0, 0.3).min_padding == 0.3
     flash = tiny_classifier("bert")
     flash.config._attn_implementation = "flash_attention_2"
-    assert min_padding_to_pack(flash, None) == 0.0
-    assert min_padding_to_pack(flash, 0.3) == 0.3
+    assert use_packing(flash, 0, None).min_padding is None
 
 
-def varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """FlashAttention's varlen contract in plain torch: [1, heads, tokens, head size] in,
-    [1, query tokens, heads, head size] out, texts cut by cu_seq_lens_q / cu_seq_lens_k."""
-    assert attention_mask is None and dropout == 0.0
-    cu_q, cu_k = kwargs["cu_seq_lens_q"].tolist(), kwargs["cu_seq_lens_k"].tolist()
+def test_attention_dropout_draws_the_same_masks_packed_as_padded():
+    # Training mode through distsent's CPU attention with dropout: the padded block has the
+    # padded batch's shape, so the same seed draws the same masks. Hidden dropout is off: its
+    # masks have the packed row's shape, not the padded batch's.
+    model = tiny_classifier("bert")
+    model.config.attention_probs_dropout_prob = 0.2
+    for layer in model.bert.encoder.layer:
+        layer.attention.self.dropout.p = 0.2
+    padded_model = copy.deepcopy(model)
+    assert use_first_token_last_layer(padded_model)
+    use_cpu_dropout(padded_model)
+    packed_model = packed_copy(model, cpu_attention=True)
+    batch = examples()
+    logits = []
+    for network, inputs in ((padded_model, PadCollator(0)(batch)), (packed_model, pack(packed_model, batch))):
+        torch.manual_seed(11)
+        logits.append(network.train()(**model_inputs(inputs)).logits)
+    evaluated = packed_model.eval()(**model_inputs(pack(packed_model, batch))).logits
+    assert not torch.allclose(logits[1], evaluated)  # dropout did act
+    assert torch.allclose(logits[1], logits[0], atol=1e-6), (logits[1] - logits[0]).abs().max()
+
+
+def varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None, causal=False):
+    """flash_attn_varlen_func's contract in plain torch: [tokens, heads, head size] in and out,
+    texts cut by the int32 cumulative lengths."""
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32 and not causal
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     queries, keys = list(itertools.pairwise(cu_q)), list(itertools.pairwise(cu_k))
-    assert max(end - start for start, end in queries) == kwargs["max_length_q"]
+    assert max(end - start for start, end in queries) == max_seqlen_q
+    assert max(end - start for start, end in keys) == max_seqlen_k
     outputs = []
     for (q0, q1), (k0, k1) in zip(queries, keys, strict=True):
-        scores = query[0, :, q0:q1] @ key[0, :, k0:k1].transpose(1, 2) * scaling
-        outputs.append((scores.softmax(-1) @ value[0, :, k0:k1]).transpose(0, 1))
-    return torch.cat(outputs).unsqueeze(0), None
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], k[k0:k1]) * softmax_scale
+        outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[k0:k1]))
+    return torch.cat(outputs)
 
 
-def test_natively_packed_kernels_get_the_varlen_arguments_unwrapped(monkeypatch):
-    # Stands in for flash_attention_2 (no GPU here): the [CLS]-only last layer must hand such a
-    # kernel one query per text, with matching cumulative lengths.
-    AttentionInterface.register("test_varlen", varlen_reference)
-    monkeypatch.setattr(packing, "NATIVELY_PACKED", ("test_varlen",))
+def test_flash_attention_gets_packed_inputs_unwrapped(monkeypatch):
+    # flash-attn needs a GPU; transformers' own flash_attention_2 path runs here with a plain
+    # torch varlen kernel in its place, so the arguments distsent hands it are checked.
+    from transformers import modeling_flash_attention_utils as flash_utils
+
+    kernels = (None, varlen_reference, None, None, None)
+    processing = (flash_utils._lazy_define_process_function(varlen_reference), dict)
+    monkeypatch.setattr(flash_utils, "lazy_import_flash_attention", lambda *args, **kwargs: (kernels, processing))
     padded_model = tiny_classifier("bert").eval()
-    native = tiny_classifier("bert", attn_implementation="test_varlen").eval()
-    native.load_state_dict(padded_model.state_dict())
-    assert use_first_token_last_layer(native)
-    use_packed_attention(native)
-    assert native.config._attn_implementation == "test_varlen"  # not wrapped
+    flash = copy.deepcopy(padded_model)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert use_first_token_last_layer(flash)
+    collate = use_packing(flash, 0, min_padding=None)
+    assert flash.config._attn_implementation == "flash_attention_2"  # not wrapped
+    batch = examples([5, 5, 5, 5])
+    packed = collate(batch)  # packed even without padding: FlashAttention needs no mask then
+    assert "cu_seq_lens" in packed
+    expected = padded_model(**model_inputs(PadCollator(0)(batch))).logits
+    logits = flash(**model_inputs(packed)).logits
+    assert torch.allclose(logits, expected, atol=1e-6), (logits - expected).abs().max()
     batch = examples()
     expected = padded_model(**model_inputs(PadCollator(0)(batch))).logits
-    logits = native(**model_inputs(pack(native, batch))).logits
+    logits = flash(**model_inputs(collate(batch))).logits
     assert torch.allclose(logits, expected, atol=1e-6), (logits - expected).abs().max()

@@ -140,9 +140,12 @@ def test_packed_training_matches_padded(tmp_path: Path):
     padded, packed = tmp_path / "padded", tmp_path / "packed"
     run_cli("train", *common, "train.unpad=false", f"output_dir={padded}")
     result = run_cli("train", *common, f"output_dir={packed}")
-    assert banner_value(result.stdout, "batches").startswith("packed where over 0% would be padding")
+    assert (
+        banner_value(result.stdout, "batches") == "packed where over 0.0% would be padding, else padded (train.unpad)"
+    )
     summaries = read_summary(padded), read_summary(packed)
     assert [s["unpadded"] for s in summaries] == [False, True]
+    assert summaries[1]["packed_micro_batches"] > 0
     assert summaries[0]["train_tokens"] == summaries[1]["train_tokens"]
     a, b = load_file(padded / "final" / "model.safetensors"), load_file(packed / "final" / "model.safetensors")
     assert a.keys() == b.keys()
