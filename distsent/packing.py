@@ -35,9 +35,9 @@ from distsent.batching import PackingCollator
 # FlashAttention kernels read the packed layout natively and are not wrapped.
 NATIVELY_PACKED = ("flash_attention_2", "flash_attention_3")
 WRAPPER_PREFIX = "distsent_packed_"
-# Up to this fraction of padding a batch stays padded for the wrapped kernels: packing a
-# batch of 28-token texts cost about 1% of a MiniLM-L6 CPU step more than padding 1.8% of it
-# (bench/RESULTS.md, "Packed batches").
+# Up to this fraction of padding a batch stays padded for the wrapped kernels. On CPU, packing
+# a MiniLM-L6 batch of 27-28-token texts (1.8% padding) made the step 1.0-1.3% slower, so
+# packing pays from about 3% (bench/RESULTS.md, "Packed batches"); 2% errs towards packing.
 WRAPPED_MIN_PADDING = 0.02
 
 
