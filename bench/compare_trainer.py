@@ -9,6 +9,8 @@ Contenders (`--contenders`, comma-separated):
   trainer_defaults      transformers.Trainer at its defaults: fp32, random batches padded by DataCollatorWithPadding
   trainer_bf16          the same with bf16=True (the Trainer's own bf16 autocast)
   trainer_bf16_grouped  bf16 plus train_sampling_strategy="group_by_length" (transformers 5's group_by_length)
+  trainer_grouped       fp32 with group_by_length: the Trainer's fastest setting on CPUs whose bf16 matmuls
+                        are slower than fp32 ones (distsent's train.mixed_precision=auto picks fp32 there)
   trainer_bf16_grouped_tcmalloc   the same with tcmalloc preloaded, the allocator distsent runs on by default
                         (distsent/allocator.py): shows how much of distsent's lead is the allocator
 
@@ -51,12 +53,14 @@ CONTENDERS = (
     "trainer_defaults",
     "trainer_bf16",
     "trainer_bf16_grouped",
+    "trainer_grouped",
     "trainer_bf16_grouped_tcmalloc",
 )
 TRAINER_SETTINGS = {
     "trainer_defaults": {"bf16": False, "train_sampling_strategy": "random"},
     "trainer_bf16": {"bf16": True, "train_sampling_strategy": "random"},
     "trainer_bf16_grouped": {"bf16": True, "train_sampling_strategy": "group_by_length"},
+    "trainer_grouped": {"bf16": False, "train_sampling_strategy": "group_by_length"},
     "trainer_bf16_grouped_tcmalloc": {"bf16": True, "train_sampling_strategy": "group_by_length"},
 }
 # Run with tcmalloc preloaded, as distsent runs by default: how much of distsent's lead is the
@@ -66,7 +70,9 @@ ON_TCMALLOC = {"trainer_bf16_grouped_tcmalloc"}
 DEFAULT_MAX_LENGTH = {"rotten_tomatoes": 128, "imdb": 256}
 # "Best" Trainer setting: the fastest whose accuracy is within this of the Trainer's defaults.
 ACCURACY_TOLERANCE = 0.01
-TARGETS = {"vs_trainer_best": 1.6, "vs_trainer_defaults": 3.0, "mfu_bf16": 0.50}
+# MFU is judged against the higher of the two matmul peaks: on a CPU whose bf16 matmuls are
+# slower than fp32 ones, the bf16 peak is not the machine's limit.
+TARGETS = {"vs_trainer_best": 1.6, "vs_trainer_defaults": 3.0, "mfu": 0.50}
 EVAL_BATCH_SIZE = 128
 
 
@@ -235,7 +241,8 @@ def model_flops(
         f"12 x {layers} x {hidden} x {seq_len:.2f} = {dense:,.0f} + {attention:,.0f} = {per_token:,.0f}; "
         f"model FLOP/s = {tokens_per_second:,.1f} real tokens/s x {per_token:,.0f} = {flops_per_second / 1e9:,.2f} GFLOP/s; "
         f"MFU = {flops_per_second / 1e9:,.2f} / {peaks['bf16'] / 1e9:,.1f} GFLOP/s bf16 peak = {mfu_bf16:.1%} "
-        f"({flops_per_second / peaks['fp32']:.1%} of the {peaks['fp32'] / 1e9:,.1f} GFLOP/s fp32 peak)"
+        f"({flops_per_second / peaks['fp32']:.1%} of the {peaks['fp32'] / 1e9:,.1f} GFLOP/s fp32 peak; "
+        f"{flops_per_second / max(peaks.values()):.1%} of the higher)"
     )
     executed = per_token
     executed_fraction = mfu_bf16
@@ -255,6 +262,7 @@ def model_flops(
         "model_gflops_per_second": flops_per_second / 1e9,
         "mfu_vs_bf16_peak": mfu_bf16,
         "mfu_vs_fp32_peak": flops_per_second / peaks["fp32"],
+        "mfu_vs_best_peak": flops_per_second / max(peaks.values()),
         "executed_flops_per_token": executed,
         "executed_fraction_of_bf16_peak": executed_fraction,
         "formula": formula,
@@ -711,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": params,
     }
     if "distsent" in results:
-        checks = {"mfu_bf16": results["distsent"]["mfu_vs_bf16_peak"] >= TARGETS["mfu_bf16"]}
+        checks = {"mfu": results["distsent"]["mfu_vs_best_peak"] >= TARGETS["mfu"]}
         for label, key in (("trainer_best", "vs_trainer_best"), ("trainer_defaults", "vs_trainer_defaults")):
             if label in ratios:
                 checks[key] = (

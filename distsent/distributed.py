@@ -9,8 +9,11 @@ accelerator (`DS_ACCELERATOR=cpu`) plus an explicit gloo process group.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +102,28 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+# `auto` takes bf16 on a CPU only where its bf16 matmuls beat fp32's by this much: support
+# alone says little. bf16 ran 2.2x fp32 on a 2-core AMD EPYC VM, but 0.5x on a 2-core Intel
+# Xeon VM whose hypervisor hides AMX (bench/RESULTS.md, "Which precision on CPU").
+CPU_BF16_MIN_SPEEDUP = 1.25
+
+
+@functools.cache
+def cpu_bf16_speedup(size: int = 1024, rounds: int = 4) -> float:
+    """How many times faster a square bf16 matmul runs than an fp32 one on this CPU.
+
+    The two alternate, best of `rounds` each, so a neighbour's load slows both alike."""
+    operands = {dtype: torch.full((size, size), 0.5, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    best = dict.fromkeys(operands, math.inf)
+    for round_ in range(rounds + 1):
+        for dtype, matrix in operands.items():
+            start = time.perf_counter()
+            matrix @ matrix
+            if round_:  # round 0 warms up: kernel choice, page faults
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
 def resolve_mixed_precision(requested: str, info: LaunchInfo) -> str:
     """Turn `auto` into a concrete precision and refuse one the device cannot run."""
     if info.has_cuda:
@@ -109,7 +134,12 @@ def resolve_mixed_precision(requested: str, info: LaunchInfo) -> str:
             raise ConfigError("train.mixed_precision=bf16 is not supported by this GPU; use fp16 or no")
         return requested
     if requested == "auto":
-        return "bf16" if cpu_supports_bf16() else "no"
+        if not cpu_supports_bf16():
+            return "no"
+        speedup = cpu_bf16_speedup()
+        choice = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "no"
+        log.info("train.mixed_precision=auto: bf16 matmuls run %.2fx fp32's on this CPU, so %s", speedup, choice)
+        return choice
     if requested == "fp16":
         raise ConfigError(
             "train.mixed_precision=fp16 needs a CUDA GPU (fp16 loss scaling is GPU-only); on CPU use bf16 or no"
@@ -145,6 +175,14 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
         kwargs_handlers=kwargs_handlers,
         dynamo_plugin=dynamo_plugin,
     )
+    if cfg.train.mixed_precision == "auto" and not info.has_cuda and accelerator.num_processes > 1:
+        # Each process timed bf16 itself; a split decision would train ranks in two precisions.
+        bf16_ranks = accelerator.reduce(torch.tensor(int(precision == "bf16"), device=accelerator.device), "sum")
+        if 0 < bf16_ranks.item() < accelerator.num_processes:
+            raise ConfigError(
+                f"train.mixed_precision=auto: {bf16_ranks.item()} of {accelerator.num_processes} processes found "
+                "bf16 faster than fp32 on their CPU, the others not; set train.mixed_precision=bf16 or no"
+            )
     if accelerator.num_processes != info.world_size:
         raise RuntimeError(
             f"the launcher started {info.world_size} processes but accelerate sees {accelerator.num_processes}; "

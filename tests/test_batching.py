@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from distsent import distributed
 from distsent.batching import TrainBatchPlan, eval_shard
 from distsent.config import ConfigError
 from distsent.distributed import LaunchInfo, resolve_mixed_precision
@@ -74,3 +75,20 @@ def test_fp16_on_cpu_is_refused_with_a_message():
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_mixed_precision("fp16", cpu)
     assert resolve_mixed_precision("no", cpu) == "no"
+
+
+def test_auto_precision_on_cpu_follows_the_measured_bf16_speed(monkeypatch):
+    cpu = LaunchInfo(world_size=1, rank=0, local_rank=0, use_deepspeed=False, has_cuda=False)
+    monkeypatch.setattr(distributed, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: 2.2)  # the AMD EPYC VM
+    assert resolve_mixed_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(distributed, "cpu_bf16_speedup", lambda: 0.5)  # the Intel Xeon VM
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    assert resolve_mixed_precision("bf16", cpu) == "bf16"  # an explicit choice stands
+    monkeypatch.setattr(distributed, "cpu_supports_bf16", lambda: False)
+    assert resolve_mixed_precision("auto", cpu) == "no"
+
+
+def test_bf16_speedup_is_a_measured_ratio():
+    speedup = distributed.cpu_bf16_speedup.__wrapped__(size=256, rounds=2)
+    assert 0.01 < speedup < 100
