@@ -3,15 +3,16 @@
     python bench/step_profile.py [--threads 1,2] [--steps 20] [--batch 32] [--length 28] [--min-length N] [KEY=VALUE ...]
 
 The model and step `distsent train` runs on CPU (the packaged MiniLM unless overridden, its
-last layer for [CLS] only, CPU dropout masks, bf16 autocast, gradient clipping, fused AdamW,
+last layer for [CLS] only, CPU dropout masks, the precision `train.mixed_precision=auto` picks
+here (bf16 autocast where bf16 matmuls are faster than fp32 ones), gradient clipping, fused AdamW,
 tcmalloc where installed, else glibc keeping freed memory) on synthetic batches of one length:
 length grouping makes real batches nearly uniform (28 tokens on average for Rotten Tomatoes).
 With --min-length, text lengths are drawn uniformly from [min-length, length], as in batches
 that are not grouped, and the batch is packed where `distsent train` would pack it.
 For each thread count it prints the milliseconds per step of forward, backward,
 clipping, optimizer step and zero_grad; then one line per heavy operator with its self time
-per step at each thread count, and for matrix products their FLOP/s against the bf16 matmul
-peak measured in the same run; then the command line. Answers "what is left besides the
+per step at each thread count, and for matrix products their FLOP/s against the matmul peak
+of the step's precision measured in the same run; then the command line. Answers "what is left besides the
 GEMMs, and does a second core help it".
 """
 
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"step_profile.py: config error: {error}", file=sys.stderr)
         return 2
-    peak = gemm_peak(max(thread_counts))["bf16"]
+    precision = "bf16" if step.dtype is not None else "fp32"
+    peak = gemm_peak(max(thread_counts))[precision]
     operators = {}
     for threads in thread_counts:
         torch.set_num_threads(threads)
@@ -186,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             record[f"speedup_{fewest}_to_{most}_threads"] = round(fewest_ms / operators[most][name]["ms"], 2)
         if operators[most][name]["flops"]:
             flop_rate = operators[most][name]["flops"] / (operators[most][name]["ms"] / 1000)
-            record.update(gflops=round(flop_rate / 1e9, 1), fraction_of_bf16_peak=round(flop_rate / peak, 3))
+            record.update(gflops=round(flop_rate / 1e9, 1), fraction_of_peak=round(flop_rate / peak, 3))
         print(json.dumps(record))
-    print(json.dumps({"bf16_peak_gflops": round(peak / 1e9, 1), "threads": most, "allocator": active_allocator()}))
+    record = {"precision": precision, "peak_gflops": round(peak / 1e9, 1), "threads": most}
+    print(json.dumps({**record, "allocator": active_allocator()}))
     print("command: " + shlex.join([os.path.relpath(sys.executable), *sys.argv]))
     return 0
 
