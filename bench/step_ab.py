@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "blocks": args.blocks,
         "steps_per_block": args.steps,
-        "packed": {side: "cu_seq_lens" in step.batch for side, step in zip("ab", sides, strict=True)},
+        "packed": {side: step.packed for side, step in zip("ab", sides, strict=True)},
         "batch": [args.batch, args.length],
         "min_length": args.min_length,
         "threads": args.threads,

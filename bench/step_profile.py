@@ -57,7 +57,7 @@ class TrainingStep:
         from distsent.first_token import use_first_token_last_layer
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
-        from distsent.packing import model_inputs, use_packing
+        from distsent.packing import is_packed, model_inputs, use_packing
 
         self.cfg = load_config(None, overrides)
         if active_allocator() == "system" and self.cfg.train.cpu_keep_freed_memory:
@@ -90,6 +90,7 @@ class TrainingStep:
             for n in lengths.tolist()
         ]
         self.batch = collate(examples)
+        self.packed = is_packed(self.batch)
         self.real_tokens = int(lengths.sum())
         # The precision `distsent train` would pick on this CPU; it refuses fp16 there.
         cpu_only = LaunchInfo(world_size=1, rank=0, local_rank=0, use_deepspeed=False, has_cuda=False)
@@ -99,7 +100,7 @@ class TrainingStep:
     def fresh_batch(self) -> dict:
         """The batch, with a new cu_seq_lens tensor if packed, as every real step has: its
         attention layout is then built once per step, as in training, not once per run."""
-        if "cu_seq_lens" not in self.batch:
+        if not self.packed:
             return self.batch
         return {**self.batch, "cu_seq_lens": self.batch["cu_seq_lens"].clone()}
 

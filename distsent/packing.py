@@ -53,9 +53,14 @@ def use_packing(model: nn.Module, pad_token_id: int, min_padding: float | None) 
     return PackingCollator(pad_token_id, packed_position_offset(model), min_padding)
 
 
+def is_packed(batch: dict) -> bool:
+    """Whether a collated batch is packed (PackingCollator) rather than padded."""
+    return "cu_seq_lens" in batch
+
+
 def model_inputs(batch: dict) -> dict:
     """The keyword arguments of the model's forward for a padded or a packed batch."""
-    if "cu_seq_lens" not in batch:
+    if not is_packed(batch):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     cumulative, longest = batch["cu_seq_lens"], batch["max_length"]
     return {
@@ -70,7 +75,7 @@ def model_inputs(batch: dict) -> dict:
 
 def real_tokens(batch: dict) -> torch.Tensor | int:
     """The batch's non-padding tokens."""
-    return batch["input_ids"].numel() if "cu_seq_lens" in batch else batch["attention_mask"].sum()
+    return batch["input_ids"].numel() if is_packed(batch) else batch["attention_mask"].sum()
 
 
 def packed_position_offset(model: nn.Module) -> int:

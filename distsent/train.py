@@ -36,7 +36,7 @@ from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
-from distsent.packing import model_inputs, real_tokens, use_packing
+from distsent.packing import is_packed, model_inputs, real_tokens, use_packing
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.tracking import RunLogger, peak_memory_mib
@@ -323,7 +323,7 @@ def train(cfg: Config) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
                 window_tokens += real_tokens(batch)
-                packed_micro_batches += "cu_seq_lens" in batch
+                packed_micro_batches += is_packed(batch)
                 state.window_micro_batches += 1
                 if not accelerator.sync_gradients:
                     continue
