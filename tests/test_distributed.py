@@ -242,3 +242,40 @@ def test_torchrun_works_too(tmp_path):
     result = run_captured(command, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert read_summary(out)["world_size"] == 2
+
+
+# Run as a torchrun worker: each rank's bf16 timing is replaced by its rank's verdict, so two
+# real processes reach `auto` with different answers, as two unlike CPUs would.
+_SPLIT_PRECISION_WORKER = """
+import os, sys
+import distsent.distributed as distributed
+from distsent.__main__ import main
+
+distributed.cpu_supports_bf16 = lambda: True
+distributed.cpu_bf16_speedup = lambda: 2.0 if os.environ["RANK"] == "0" else 1.0
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_that_disagree_on_auto_precision_stop_the_run(tmp_path):
+    worker = tmp_path / "split_precision_worker.py"
+    worker.write_text(_SPLIT_PRECISION_WORKER)
+    out = tmp_path / "split"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(worker),
+        "train",
+        *TINY,
+        "train.mixed_precision=auto",
+        "train.max_steps=2",
+        f"output_dir={out}",
+    ]
+    env = {**cli_env(), "DISTSENT_ALLOCATOR": "system"}  # no re-exec: the worker script stays in charge
+    result = run_captured(command, env=env, timeout=600)
+    assert result.returncode != 0
+    assert "1 of 2 processes found bf16 faster than fp32" in result.stderr, result.stderr[-4000:]
+    assert not (out / "final").exists()
