@@ -57,7 +57,7 @@ class TrainingStep:
         from distsent.first_token import use_first_token_last_layer
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
-        from distsent.packing import is_packed, model_inputs, use_packing
+        from distsent.packing import is_packed, model_inputs, reads_packed_batches, use_packing
 
         self.cfg = load_config(None, overrides)
         if active_allocator() == "system" and self.cfg.train.cpu_keep_freed_memory:
@@ -69,7 +69,7 @@ class TrainingStep:
         pad_id = tokenizer.pad_token_id
         collate = (
             use_packing(self.model, pad_id, self.cfg.train.unpad_min_padding)
-            if self.cfg.train.unpad and first_token_only
+            if self.cfg.train.unpad and reads_packed_batches(self.model, first_token_only)
             else PadCollator(pad_id)
         )
         self.model.train()

@@ -192,7 +192,8 @@ class TrainConfig:
     """Batch texts of similar length together (less padding); global batches stay random."""
     unpad: bool = True
     """Train on packed batches, the texts concatenated without padding, so only attention sees
-    pad positions; applies where the last layer computes [CLS] only (model.last_layer_cls_only)."""
+    pad positions; applies where the last layer computes [CLS] only (model.last_layer_cls_only)
+    and to the mean head."""
     unpad_min_padding: float | None = None
     """Batches with at most this fraction of padding stay padded, as packing costs a few copies
     per layer; None: every batch packed with FlashAttention (packed natively), else 0.02."""

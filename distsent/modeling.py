@@ -165,7 +165,21 @@ class PooledClassifier(torch.nn.Module):
             features = hidden
         self.classifier = torch.nn.Linear(features, num_outputs)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> SequenceClassifierOutput:
+    @property
+    def pools_packed_texts(self) -> bool:
+        """Whether this head can read packed batches (distsent/packing.py): a text's mean needs
+        only where the text starts and ends; the CNN head convolves over the padded layout."""
+        return self.head_type == "mean"
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **packed
+    ) -> SequenceClassifierOutput:
+        if packed.get("cu_seq_lens_k") is not None:
+            if not self.pools_packed_texts:
+                raise ValueError(f"the {self.head_type} head cannot read packed batches")
+            return self._forward_packed(input_ids, **packed)
+        if attention_mask is None:  # one unpadded text, or texts of equal length
+            attention_mask = torch.ones_like(input_ids)
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         if self.head_type == "cnn":
@@ -180,6 +194,19 @@ class PooledClassifier(torch.nn.Module):
             features = torch.cat(pooled, dim=-1)
         else:
             features = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(features)))
+
+    def _forward_packed(self, input_ids: torch.Tensor, **packed) -> SequenceClassifierOutput:
+        """The mean head on one packed row of texts: each text's mean over its own tokens."""
+        states = self.encoder(input_ids=input_ids, **packed).last_hidden_state[0]  # [tokens, hidden]
+        lengths = packed["cu_seq_lens_k"].diff()
+        text_of_token = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=states.device), lengths, output_size=states.size(0)
+        )
+        # Summed in fp32 and rounded once, as the padded path's sum over a bf16 tensor is.
+        sums = states.new_zeros(lengths.numel(), states.size(1), dtype=torch.float32)
+        sums.index_add_(0, text_of_token, states.float())
+        features = (sums / lengths.unsqueeze(1)).to(states.dtype)
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(features)))
 
     def save_pretrained(self, directory, state_dict: dict | None = None, **kwargs) -> None:

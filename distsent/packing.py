@@ -14,8 +14,10 @@ eager, distsent's CPU training attention) are wrapped by `packed_attention`, whi
 queries, keys and values into a [texts, heads, longest, head size] block with a padding mask
 and gathers the output back: four index copies per layer for the token-wise work saved.
 
-The classifier reads each text's first token, which the [CLS]-only last layer
-(first_token.py) picks out of the packed sequence; so packing goes with that layer.
+The classifier must read each text out of the packed row: the `cls` head's [CLS]-only last
+layer (first_token.py) picks each text's first token, and the `mean` head averages each text's
+tokens. Other classifiers (the CNN head; the `cls` head of a model without that last layer)
+train on padded batches.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ WRAPPED_MIN_PADDING = 0.02
 
 
 def use_packing(model: nn.Module, pad_token_id: int, min_padding: float | None) -> PackingCollator:
-    """Let `model` (its last layer for [CLS] only) train on packed batches; returns their collator.
+    """Let `model` (see `reads_packed_batches`) train on packed batches; returns their collator.
 
     `min_padding` (train.unpad_min_padding): the padding fraction above which a batch is
     packed; None: every batch with FlashAttention, which reads packed inputs natively and so
@@ -51,6 +53,22 @@ def use_packing(model: nn.Module, pad_token_id: int, min_padding: float | None) 
         min_padding = WRAPPED_MIN_PADDING
     use_packed_attention(model)
     return PackingCollator(pad_token_id, packed_position_offset(model), min_padding)
+
+
+# Encoders (under a distsent head) whose every layer attends through transformers' attention
+# interface, which hands the cumulative lengths on to the kernel. Elsewhere (DeBERTa's relative
+# attention, say) they could be dropped, and the texts of a packed row would see each other.
+PACKED_ENCODERS = ("BertModel", "RobertaModel", "XLMRobertaModel", "CamembertModel", "ElectraModel")
+
+
+def reads_packed_batches(model: nn.Module, first_token_only: bool) -> bool:
+    """Whether `model` can train on packed batches: a classifier with its last layer for [CLS]
+    only (`first_token_only`), or a head that pools each text itself (the `mean` head) on an
+    encoder of PACKED_ENCODERS."""
+    if first_token_only:
+        return True
+    encoder = getattr(model, "encoder", None)
+    return getattr(model, "pools_packed_texts", False) and type(encoder).__name__ in PACKED_ENCODERS
 
 
 def is_packed(batch: dict) -> bool:
@@ -80,8 +98,10 @@ def real_tokens(batch: dict) -> torch.Tensor | int:
 
 def packed_position_offset(model: nn.Module) -> int:
     """Where `model`'s position ids start for a text's first token."""
+    # The first transformers model inside: the classifier itself, or a distsent head's encoder.
+    encoder = next(module for module in model.modules() if isinstance(module, PreTrainedModel)).base_model
     # RoBERTa-style embeddings number positions from padding_idx + 1; BERT's from 0.
-    padding_index = getattr(model.base_model.embeddings, "padding_idx", None)
+    padding_index = getattr(encoder.embeddings, "padding_idx", None)
     return 0 if padding_index is None else padding_index + 1
 
 

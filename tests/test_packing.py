@@ -1,18 +1,27 @@
-"""Packed (unpadded) batches give the padded model's logits and gradients, texts in one packed
-row never see each other, and the collator packs only the batches where packing pays."""
+"""Packed (unpadded) batches give the padded model's logits and gradients (the `cls` head with its
+[CLS]-only last layer, and the `mean` head), texts in one packed row never see each other, and
+the collator packs only the batches where packing pays."""
 
 import copy
 import itertools
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModel
 
 from distsent import packing
 from distsent.batching import PackingCollator, PadCollator, packs
 from distsent.cpu_training import use_cpu_dropout
 from distsent.first_token import use_first_token_last_layer
-from distsent.packing import model_inputs, packed_position_offset, use_packed_attention, use_packing
-from tests.test_first_token import tiny_classifier
+from distsent.modeling import PooledClassifier
+from distsent.packing import (
+    model_inputs,
+    packed_position_offset,
+    reads_packed_batches,
+    use_packed_attention,
+    use_packing,
+)
+from tests.test_first_token import TINY, tiny_classifier
 
 LENGTHS = [6, 11, 3, 9]
 
@@ -176,3 +185,55 @@ def test_flash_attention_gets_packed_inputs_unwrapped(monkeypatch):
     expected = padded_model(**model_inputs(PadCollator(0)(batch))).logits
     logits = flash(**model_inputs(collate(batch))).logits
     assert torch.allclose(logits, expected, atol=1e-6), (logits - expected).abs().max()
+
+
+def tiny_pooled_classifier(model_type: str, head: str, attn_implementation: str = "sdpa") -> PooledClassifier:
+    config = AutoConfig.for_model(model_type, **TINY, intermediate_size=64, hidden_dropout_prob=0.0)
+    config.attention_probs_dropout_prob = 0.0
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    return PooledClassifier(AutoModel.from_config(config), head, num_outputs=3, dropout=0.0)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager", "cpu_training"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_mean_head_on_packed_batches_matches_padded(model_type, kernel):
+    padded_model = tiny_pooled_classifier(model_type, "mean", "sdpa" if kernel == "cpu_training" else kernel).eval()
+    packed_model = copy.deepcopy(padded_model)
+    assert reads_packed_batches(packed_model, first_token_only=False)
+    if kernel == "cpu_training":
+        use_cpu_dropout(packed_model)
+    use_packed_attention(packed_model)
+    batch = examples()
+    expected = padded_model(**model_inputs(PadCollator(padded_model.config.pad_token_id)(batch))).logits
+    logits = packed_model(**model_inputs(pack(packed_model, batch))).logits
+    assert logits.shape == expected.shape == (len(LENGTHS), 3)
+    assert torch.allclose(logits, expected, atol=1e-6), (logits - expected).abs().max()
+    expected.square().sum().backward()
+    logits.square().sum().backward()
+    for (name, reference), (_, parameter) in zip(
+        padded_model.named_parameters(), packed_model.named_parameters(), strict=True
+    ):
+        if reference.grad is not None:
+            assert torch.allclose(parameter.grad, reference.grad, atol=1e-6), name
+
+
+def test_mean_head_averages_each_text_of_a_packed_row_over_its_own_tokens():
+    # With bf16 states the packed mean is summed in fp32 and rounded once, like the padded one.
+    model = tiny_pooled_classifier("bert", "mean").eval()
+    use_packed_attention(model)
+    batch = examples()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        padded = model(**model_inputs(PadCollator(model.config.pad_token_id)(batch))).logits
+        packed = model(**model_inputs(pack(model, batch))).logits
+    assert torch.allclose(packed.float(), padded.float(), atol=2e-2)
+
+
+def test_cnn_head_plain_cls_head_and_unlisted_encoders_stay_padded():
+    cnn = tiny_pooled_classifier("bert", "cnn")
+    assert not reads_packed_batches(cnn, first_token_only=False)
+    with pytest.raises(ValueError, match="cnn head cannot read packed batches"):
+        cnn(**model_inputs(pack(cnn, examples())))
+    assert not reads_packed_batches(tiny_classifier("distilbert"), first_token_only=False)
+    # An encoder whose attention is its own (relative positions) might drop the lengths.
+    assert not reads_packed_batches(tiny_pooled_classifier("deberta-v2", "mean", "eager"), first_token_only=False)

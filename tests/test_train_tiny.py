@@ -126,11 +126,13 @@ def test_compiled_training_matches_eager(tmp_path: Path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
-def test_packed_training_matches_padded(tmp_path: Path):
+@pytest.mark.parametrize("head", ["cls", "mean"])
+def test_packed_training_matches_padded(tmp_path: Path, head: str):
     # fp32, no dropout, random (ungrouped) batches so most carry padding: packed and padded runs
     # then differ only by rounding, and count the same real tokens.
     common = [
         *TINY,
+        f"model.head={head}",
         "model.dropout=0.0",
         "train.max_steps=6",
         "train.eval_every_epoch=false",
