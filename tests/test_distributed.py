@@ -224,16 +224,15 @@ def test_zero3_offload_runs(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(out / "final")
 
 
+def torchrun_two_processes(*program: str) -> list[str]:
+    """The command line of `torchrun --nproc_per_node 2 PROGRAM...`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *program]
+
+
 def test_torchrun_works_too(tmp_path):
     out = tmp_path / "torchrun"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "distsent",
+        *torchrun_two_processes("-m", "distsent"),
         "train",
         *TINY,
         "train.max_steps=4",
@@ -262,12 +261,7 @@ def test_ranks_that_disagree_on_auto_precision_stop_the_run(tmp_path):
     worker.write_text(_SPLIT_PRECISION_WORKER)
     out = tmp_path / "split"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        str(worker),
+        *torchrun_two_processes(str(worker)),
         "train",
         *TINY,
         "train.mixed_precision=auto",
