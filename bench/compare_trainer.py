@@ -503,8 +503,8 @@ def run_distsent(args: argparse.Namespace, workdir: Path, train_lengths: list[in
         from distsent.batching import packs
 
         packed = functools.partial(packs, min_padding=summary["unpad_min_padding"])
-    # distsent's own config: --distsent-set may change its batching (train.length_grouping).
-    own_cfg = load_config(None, [*shared_overrides(args), *args.distsent_set])
+    # The config the run was given: --distsent-set may change its batching (train.length_grouping).
+    own_cfg = load_config(None, overrides)
     real, padded, longest = distsent_batches(own_cfg, train_lengths, packed)
     stats = batch_statistics(real, padded)
     if stats["train_tokens"] != summary["train_tokens"]:

@@ -50,14 +50,13 @@ class TrainingStep:
         import torch
 
         from distsent.allocator import active_allocator
-        from distsent.batching import PadCollator
         from distsent.config import load_config
         from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
         from distsent.distributed import LaunchInfo, resolve_mixed_precision
         from distsent.first_token import use_first_token_last_layer
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
-        from distsent.packing import is_packed, model_inputs, reads_packed_batches, use_packing
+        from distsent.packing import is_packed, model_inputs, training_collator
 
         self.cfg = load_config(None, overrides)
         if active_allocator() == "system" and self.cfg.train.cpu_keep_freed_memory:
@@ -66,12 +65,7 @@ class TrainingStep:
         self.model = build_model(self.cfg.model, ["negative", "positive"], len(tokenizer))
         first_token_only = self.cfg.model.last_layer_cls_only and use_first_token_last_layer(self.model)
         use_cpu_dropout(self.model)
-        pad_id = tokenizer.pad_token_id
-        collate = (
-            use_packing(self.model, pad_id, self.cfg.train.unpad_min_padding)
-            if self.cfg.train.unpad and reads_packed_batches(self.model, first_token_only)
-            else PadCollator(pad_id)
-        )
+        collate = training_collator(self.model, tokenizer.pad_token_id, self.cfg.train, first_token_only)
         self.model.train()
         self.optimizer, _ = build_optimizer(self.cfg.train, self.model, total_steps=1000, fused=True)
         self.loss_of = classification_loss

@@ -32,7 +32,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from distsent.batching import PackingCollator
+from distsent.batching import PackingCollator, PadCollator
+from distsent.config import TrainConfig
 
 # FlashAttention kernels read the packed layout natively and are not wrapped.
 NATIVELY_PACKED = ("flash_attention_2", "flash_attention_3")
@@ -69,6 +70,16 @@ def reads_packed_batches(model: nn.Module, first_token_only: bool) -> bool:
         return True
     encoder = getattr(model, "encoder", None)
     return getattr(model, "pools_packed_texts", False) and type(encoder).__name__ in PACKED_ENCODERS
+
+
+def training_collator(
+    model: nn.Module, pad_token_id: int, train_cfg: TrainConfig, first_token_only: bool
+) -> PackingCollator | PadCollator:
+    """The collator of `model`'s training batches in `distsent train` (and bench/step_profile.py):
+    packing where train.unpad is on and the model reads packed batches, else padding."""
+    if train_cfg.unpad and reads_packed_batches(model, first_token_only):
+        return use_packing(model, pad_token_id, train_cfg.unpad_min_padding)
+    return PadCollator(pad_token_id)
 
 
 def is_packed(batch: dict) -> bool:

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from distsent.allocator import ALLOCATOR_ENV, active_allocator
-from distsent.batching import PadCollator, TrainBatchPlan
+from distsent.batching import PackingCollator, TrainBatchPlan
 from distsent.build_locks import describe_stale_lock, stale_build_locks
 from distsent.checkpoint import (
     archive_history,
@@ -36,7 +36,7 @@ from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, is_improvement
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
 from distsent.optim import build_optimizer
-from distsent.packing import is_packed, model_inputs, reads_packed_batches, real_tokens, use_packing
+from distsent.packing import is_packed, model_inputs, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.tracking import RunLogger, peak_memory_mib
@@ -167,12 +167,8 @@ def train(cfg: Config) -> dict:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
         # After the CPU attention is chosen: packing wraps whichever kernel it is.
-        packed = cfg.train.unpad and reads_packed_batches(model, first_token_only)
-        collator = (
-            use_packing(model, tokenizer.pad_token_id, cfg.train.unpad_min_padding)
-            if packed
-            else PadCollator(tokenizer.pad_token_id)
-        )
+        collator = training_collator(model, tokenizer.pad_token_id, cfg.train, first_token_only)
+        packed = isinstance(collator, PackingCollator)
         trainable, frozen = parameter_counts(model)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.
         fused = accelerator.device.type in ("cpu", "cuda")
