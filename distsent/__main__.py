@@ -105,8 +105,12 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from distsent.plots import write_plots
+    from distsent.tracking import METRICS_FILE
 
-    for path in write_plots(Path(args.run_dir), args.metric):
+    run_dir = Path(args.run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no {METRICS_FILE}); give a train run's output_dir")
+    for path in write_plots(run_dir, args.metric):
         print(path)
     return 0
 

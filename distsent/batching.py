@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from distsent.config import ConfigError
+
 # Length grouping sorts within windows of this many global batches: enough to make
 # batches homogeneous in length, few enough that every epoch still mixes the data.
 GROUPING_WINDOW_BATCHES = 64
@@ -44,10 +46,10 @@ class TrainBatchPlan:
         self.global_batch_size = micro_batch_size * world_size * grad_accum_steps
         self.steps_per_epoch = len(self.lengths) // self.global_batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the training set ({len(self.lengths)} examples) is smaller than one global batch "
                 f"({self.global_batch_size} = {micro_batch_size} per process x {world_size} processes "
-                f"x {grad_accum_steps} accumulation)"
+                f"x {grad_accum_steps} accumulation): lower train.batch_size or train.grad_accum_steps"
             )
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:

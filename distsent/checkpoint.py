@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import uuid
 from pathlib import Path
@@ -15,6 +16,9 @@ from distsent.modeling import label_names_of
 
 EXPORT_CONFIG_NAME = "distsent_config.yaml"
 EXPORT_METRICS_NAME = "metrics.json"
+RUN_CONFIG_NAME = "config.yaml"
+
+log = logging.getLogger(__name__)
 
 
 def replace_directory(staging: Path, target: Path) -> None:
@@ -26,6 +30,25 @@ def replace_directory(staging: Path, target: Path) -> None:
     staging.rename(target)
     if retired is not None:
         shutil.rmtree(retired)
+
+
+def tidy_interrupted_exports(output_dir: Path, names: tuple[str, ...] = ("best", "final")) -> list[str]:
+    """Undo what a killed export left behind; returns what was done. A staging folder has no
+    marker to show it is whole, so it goes; a retired export comes back if nothing replaced it."""
+    done = []
+    for name in names:
+        target = Path(output_dir) / name
+        for staging in sorted(Path(output_dir).glob(f".{name}.tmp-*")):
+            shutil.rmtree(staging, ignore_errors=True)
+            done.append(f"removed {staging}, left by an interrupted export")
+        for retired in sorted(Path(output_dir).glob(f".{name}.old-*")):
+            if target.exists():
+                shutil.rmtree(retired, ignore_errors=True)
+                done.append(f"removed {retired}, left by an interrupted export")
+            else:
+                retired.rename(target)
+                done.append(f"restored {target}, which an interrupted export had moved aside")
+    return done
 
 
 def staging_dir(target: Path) -> Path:
@@ -51,7 +74,8 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
         unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         save_config(cfg, staging / EXPORT_CONFIG_NAME)
-        write_model_card(staging, cfg, label_names_of(unwrapped.config), metrics)
+        title = f"{target.parent.name}/{target.name}"
+        write_model_card(staging, title, cfg, label_names_of(unwrapped.config), metrics)
         (staging / EXPORT_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         replace_directory(staging, target)
     # No rank moves on (or exits) before the export is complete on disk.
@@ -99,18 +123,35 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def remove_partial_checkpoints(output_dir: Path) -> list[Path]:
-    """Delete folders left by a write that was killed; returns what was removed."""
+def tidy_interrupted_writes(output_dir: Path) -> list[str]:
+    """Finish or undo what a killed checkpoint write left behind; returns what was done.
+
+    A write goes to `.partial-step-N`, gets its marker, and replaces `step-N` (which
+    `replace_directory` first renames to `.step-N.old-*`). A kill can leave any of these."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    partial = [path for path in root.iterdir() if path.name.startswith(PARTIAL_PREFIX)]
-    partial += [
-        path for path in root.iterdir() if path.name.startswith(STEP_PREFIX) and not (path / COMPLETE_MARKER).is_file()
-    ]
-    for path in partial:
-        shutil.rmtree(path, ignore_errors=True)
-    return partial
+    done = []
+
+    def settle(path: Path, target: Path) -> None:
+        # A marked folder whose final rename was missed is a whole checkpoint: keep it.
+        if (path / COMPLETE_MARKER).is_file() and not target.exists():
+            path.rename(target)
+            done.append(f"completed {target}, whose write was interrupted after it finished")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path}, left by an interrupted checkpoint write")
+
+    # Partial folders first: they are newer than a retired folder of the same step.
+    for path in sorted(root.glob(f"{PARTIAL_PREFIX}{STEP_PREFIX}*")):
+        settle(path, root / path.name.removeprefix(PARTIAL_PREFIX))
+    for path in sorted(root.glob(f".{STEP_PREFIX}*.old-*")):
+        settle(path, root / path.name[1:].split(".old-")[0])
+    for path in sorted(root.glob(f"{STEP_PREFIX}*")):
+        if not (path / COMPLETE_MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path}, left by an interrupted checkpoint write")
+    return done
 
 
 def save_checkpoint(
@@ -121,7 +162,8 @@ def save_checkpoint(
 
     Atomic: everything goes into a hidden `.partial-step-N` folder, the marker is written
     last, and only then is the folder renamed to `step-N`. A kill at any moment leaves
-    the previous checkpoints untouched and at most a partial folder that resume ignores."""
+    the previous checkpoints untouched, and what it interrupted is settled by
+    `tidy_interrupted_writes` at the next start."""
     root = checkpoint_root(output_dir)
     target = root / f"{STEP_PREFIX}{step:08d}"
     staging = root / f"{PARTIAL_PREFIX}{STEP_PREFIX}{step:08d}"
@@ -134,9 +176,9 @@ def save_checkpoint(
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **payload}, indent=2))
         (staging / COMPLETE_MARKER).write_text(f"{step}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        # A step saved again (a validation redone after preemption) replaces its old folder
+        # only once the new one is whole.
+        replace_directory(staging, target)
         _prune(output_dir, keep_last, protected_steps | {step})
     accelerator.wait_for_everyone()
     return target
@@ -177,7 +219,16 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     saved = payload.get("fingerprint", {})
-    differing = {key: (saved.get(key), value) for key, value in fingerprint.items() if saved.get(key) != value}
+    missing = sorted(set(fingerprint) - set(saved))
+    if missing:
+        raise CheckpointError(
+            f"{path}: written by an older distsent whose checkpoints do not record {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}, so it cannot be checked to continue this run; "
+            "use another output_dir or train.resume=none"
+        )
+    # Compared as they were saved: JSON has lists, not tuples.
+    current = json.loads(json.dumps(fingerprint))
+    differing = {key: (saved[key], value) for key, value in current.items() if saved[key] != value}
     if differing:
         details = ", ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differing.items())
         raise CheckpointError(
@@ -223,23 +274,41 @@ def rollback_history(output_dir: Path, step: int) -> int:
     if not path.is_file():
         return 0
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):  # cut off by the kill that stopped the run
+                log.warning("%s:%d: dropped an incomplete last line", path, number)
+                continue
+            raise CheckpointError(f"{path}:{number}: not a JSON object ({error}); fix or remove the line") from error
+        if event.get("step", 0) <= step:
+            kept.append(line)
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text("".join(f"{line}\n" for line in kept))
     staging.replace(path)
     return len(lines) - len(kept)
 
 
-def archive_history(output_dir: Path) -> Path | None:
-    """Move an earlier run's metrics.jsonl aside so a fresh run starts its own history."""
+def archive_previous_run(output_dir: Path) -> list[Path]:
+    """Move an earlier run's config, metrics.jsonl and checkpoints aside, so a fresh run starts
+    its own history, and neither its pruning nor a later `train.resume=auto` touches the old run's."""
     from distsent.tracking import METRICS_FILE
 
-    path = Path(output_dir) / METRICS_FILE
-    if not path.is_file():
-        return None
-    archived = path.with_name(f"metrics.before-{int(path.stat().st_mtime)}.jsonl")
-    path.rename(archived)
-    return archived
+    moved = []
+    for path in (Path(output_dir) / RUN_CONFIG_NAME, Path(output_dir) / METRICS_FILE, checkpoint_root(output_dir)):
+        if path.exists():
+            stamp = int(path.stat().st_mtime)
+            archived = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")
+            while archived.exists():  # two fresh runs within a second
+                stamp += 1
+                archived = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")
+            path.rename(archived)
+            moved.append(archived)
+    return moved
 
 
 def load_checkpoint(accelerator, path: Path) -> None:

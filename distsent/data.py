@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import datasets
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from distsent.config import DataConfig
+from distsent.config import ConfigError, DataConfig
 
 EMBEDDED_SOURCES = ("rotten_tomatoes", "imdb")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -235,8 +236,11 @@ def clean_text(text: str, cfg: DataConfig) -> str:
     return text
 
 
-def _clean_and_filter(rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str], deduplicate: bool) -> Rows:
-    """Bad values, cleaning, label filters and duplicates, each counted in `notes`."""
+def _clean_and_filter(
+    rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str], deduplicate: bool, dropped_labels: set[str]
+) -> Rows:
+    """Bad values, cleaning, label filters and duplicates, each counted in `notes`; the
+    `data.drop_labels` entries that matched a row are added to `dropped_labels`."""
     kept = Rows([], [], [], rows.where)
     dropped = {"multi-label": 0, "listed label": 0, "duplicate text": 0}
     seen: set[str] = set()
@@ -244,6 +248,8 @@ def _clean_and_filter(rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str
         if not isinstance(text, str) or _has_undecodable(text):
             bad.report(origin, "undecodable or non-text value in the text column: not UTF-8 text")
             continue
+        # `"text", positive` in a CSV: the label is `positive`, not ` positive`.
+        label = label.strip() if isinstance(label, str) else label
         label_text = "" if label is None else str(label)
         if _has_undecodable(label_text):
             bad.report(origin, "undecodable bytes in the label column: not UTF-8 text")
@@ -255,8 +261,11 @@ def _clean_and_filter(rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str
         if cfg.drop_multi_label and cfg.multi_label_separator in label_text:
             dropped["multi-label"] += 1
             continue
-        if label_text in cfg.drop_labels:
+        # Listed by value, or by name where integer labels index data.labels.
+        listed = {label_text, label_key(label, cfg.labels)} & set(cfg.drop_labels)
+        if listed:
             dropped["listed label"] += 1
+            dropped_labels.update(listed)
             continue
         if deduplicate:
             if text in seen:
@@ -305,15 +314,19 @@ def _to_ids(rows: Rows, label_names: list[str], bad: BadRows) -> tuple[list[str]
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of row indices keeping class proportions. Every class with at least 2
     rows lands on both sides (scikit-learn's stratification rounds a rare class to 0 in
-    the smaller side; this moves one example of such a class across)."""
-    indices = np.arange(len(labels))
+    the smaller side; this moves one example of such a class across); a class with one row
+    stays on the kept side, where training sees it."""
     labels_array = np.asarray(labels)
     counts = np.bincount(labels_array)
-    if counts[counts > 0].min() < 2:
-        keep, held_out = train_test_split(indices, test_size=fraction, random_state=seed)
-        return np.sort(keep), np.sort(held_out)
-    keep, held_out = train_test_split(indices, test_size=fraction, random_state=seed, stratify=labels_array)
-    keep, held_out = list(keep), list(held_out)
+    single = counts[labels_array] < 2
+    kept_singles, indices = np.flatnonzero(single), np.flatnonzero(~single)
+    if indices.size == 0:
+        return np.sort(kept_singles), indices
+    # At least one row per class held out, even where the fraction rounds to fewer.
+    classes = np.count_nonzero(counts >= 2)
+    held_count = min(max(math.ceil(fraction * indices.size), classes), indices.size - classes)
+    keep, held_out = train_test_split(indices, test_size=held_count, random_state=seed, stratify=labels_array[indices])
+    keep, held_out = [*keep, *kept_singles], list(held_out)
     for label in np.flatnonzero(counts >= 2):
         if not any(labels_array[i] == label for i in held_out):
             moved = next(i for i in keep if labels_array[i] == label)
@@ -342,10 +355,15 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     """Read the configured source into train/validation(/test) texts and label ids."""
     bad = BadRows(cfg.bad_rows)
     notes: list[str] = []
+    dropped_labels: set[str] = set()
     raw = {
-        split: _clean_and_filter(rows, cfg, bad, notes, deduplicate=cfg.deduplicate and split == "train")
+        split: _clean_and_filter(rows, cfg, bad, notes, cfg.deduplicate and split == "train", dropped_labels)
         for split, rows in _read_source(cfg, bad).items()
     }
+    unmatched = [label for label in cfg.drop_labels if label not in dropped_labels]
+    if unmatched:
+        # A misspelt label would otherwise stay in the data unnoticed.
+        raise ConfigError(f"data.drop_labels: {unmatched} match no row's label")
     if not raw["train"].texts:
         raise DataError(f"{raw['train'].where}: no training rows left after filtering")
     label_names = _label_names(raw["train"].labels, cfg.labels)

@@ -127,7 +127,8 @@ def cpu_bf16_speedup(size: int = 1024, rounds: int = 4) -> float:
 def resolve_mixed_precision(requested: str, info: LaunchInfo) -> str:
     """Turn `auto` into a concrete precision and refuse one the device cannot run."""
     if info.has_cuda:
-        bf16_ok = torch.cuda.is_bf16_supported()
+        # Native bf16 only (Ampere on): pre-Ampere GPUs emulate it slowly, and fp16 is the choice there.
+        bf16_ok = torch.cuda.is_bf16_supported(including_emulation=False)
         if requested == "auto":
             return "bf16" if bf16_ok else "fp16"
         if requested == "bf16" and not bf16_ok:

@@ -56,3 +56,11 @@ def classification_metrics(
     }
     metrics["confusion_matrix"] = matrix.tolist()
     return metrics
+
+
+def selectable_metrics(labels, label_names: list[str]) -> list[str]:
+    """The single-number metrics a validation on `labels` reports: train.best_metric's choices.
+    Read off a real metrics dict, so this list cannot drift from `classification_metrics`."""
+    uniform = np.full((len(labels), len(label_names)), 1 / len(label_names))
+    metrics = classification_metrics(labels, uniform, label_names, loss=0.0)
+    return [name for name, value in metrics.items() if isinstance(value, float)]

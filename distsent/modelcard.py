@@ -9,17 +9,13 @@ from distsent.config import Config
 HEADLINE_METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "roc_auc", "loss", "num_examples")
 
 
-def write_model_card(target: Path, cfg: Config, label_names: list[str], metrics: dict) -> None:
+def write_model_card(folder: Path, title: str, cfg: Config, label_names: list[str], metrics: dict) -> None:
+    """README.md in `folder` (a staging folder, so the `title` names where it will live)."""
     rows = "\n".join(f"| {key} | {_fmt(metrics[key])} |" for key in HEADLINE_METRICS if key in metrics)
     per_class = metrics.get("per_class", {})
     class_rows = "\n".join(
         f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |"
         for name, s in per_class.items()
-    )
-    transformers_note = (
-        "It loads with plain transformers:"
-        if cfg.model.head == "cls" and not cfg.model.single_logit
-        else "Its custom head loads through distsent (`distsent predict --model DIR`); plain transformers loads only the encoder."
     )
     text = f"""---
 library_name: transformers
@@ -27,9 +23,9 @@ pipeline_tag: text-classification
 tags: [distsent, text-classification]
 ---
 
-# {target.parent.name}/{target.name}
+# {title}
 
-Fine-tuned with [distsent](https://github.com/) from `{cfg.model.name}` (head `{cfg.model.head}`,
+Fine-tuned with distsent from `{cfg.model.name}` (head `{cfg.model.head}`,
 single logit: {cfg.model.single_logit}).
 
 - Data: `{cfg.data.dataset}`{f" ({cfg.data.train_file})" if cfg.data.train_file else ""}, max length {cfg.data.max_length} tokens
@@ -51,7 +47,34 @@ single logit: {cfg.model.single_logit}).
 
 ## Use
 
-{transformers_note}
+{_usage(cfg, label_names)}
+
+The full resolved training config is in `distsent_config.yaml`, the metrics in `metrics.json`.
+"""
+    (folder / "README.md").write_text(text)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _usage(cfg: Config, label_names: list[str]) -> str:
+    """How to load this export: transformers for the `cls` head, distsent for its own heads."""
+    command = '`distsent predict --model PATH/TO/THIS/FOLDER "what a great film"`'
+    if cfg.model.head != "cls":
+        return f"""Its `{cfg.model.head}` head is distsent's own (`distsent_head.safetensors`): transformers alone
+would load the encoder with a random classifier. Use {command}, or in Python:
+
+```python
+from distsent.predict import Predictor
+Predictor("PATH/TO/THIS/FOLDER").predict(["what a great film"])
+```"""
+    single = (
+        f" One logit: transformers applies a sigmoid, so the score is the probability of `{label_names[-1]}`."
+        if cfg.model.single_logit
+        else ""
+    )
+    return f"""It loads with plain transformers.{single}
 
 ```python
 from transformers import pipeline
@@ -59,12 +82,4 @@ classify = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")
 classify("what a great film")
 ```
 
-or `distsent predict --model PATH/TO/THIS/FOLDER "what a great film"`.
-
-The full resolved training config is in `distsent_config.yaml`, the metrics in `metrics.json`.
-"""
-    (target / "README.md").write_text(text)
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+or {command}."""

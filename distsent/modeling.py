@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from distsent.config import ModelConfig
+from distsent.config import ConfigError, ModelConfig
 from distsent.first_token import use_first_token_last_layer
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
     distsent head (PooledClassifier) on the bare encoder."""
     num_outputs = 1 if cfg.single_logit else len(label_names)
     if cfg.single_logit and len(label_names) != 2:
-        raise ValueError(f"model.single_logit needs exactly 2 labels, the data has {len(label_names)}: {label_names}")
+        raise ConfigError(f"model.single_logit needs exactly 2 labels, the data has {len(label_names)}: {label_names}")
     id2label = dict(enumerate(label_names[-num_outputs:] if cfg.single_logit else label_names))
     label_maps = {
         "num_labels": num_outputs,
@@ -113,15 +115,22 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
                 ignore_mismatched_sizes=True,
             )
     else:
-        encoder = (
-            AutoModel.from_config(config)
-            if source is None
-            else AutoModel.from_pretrained(source, config=config, revision=cfg.revision)
-        )
+        encoder = bare_encoder(config, source, cfg.revision)
         dropout = cfg.dropout if cfg.dropout is not None else getattr(config, "hidden_dropout_prob", 0.1)
         model = PooledClassifier(encoder, cfg.head, num_outputs, dropout)
     freeze_parameters(model, cfg.freeze)
     return model
+
+
+def bare_encoder(config, source: str | None = None, revision: str | None = None):
+    """The encoder under a distsent head, built from `config` or loaded from `source`, without
+    its pooler where the architecture allows: the head never reads it, and DDP stops at the
+    second step on a parameter that got no gradient in the first."""
+    model_class = MODEL_MAPPING[type(config)]
+    extra = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
+    if source is None:
+        return AutoModel.from_config(config, **extra)
+    return AutoModel.from_pretrained(source, config=config, revision=revision, **extra)
 
 
 def _log_reheading(source_config, num_outputs: int, head: str) -> None:
@@ -229,7 +238,7 @@ def load_classifier(directory: str | Path) -> torch.nn.Module:
         model = AutoModelForSequenceClassification.from_pretrained(directory)
         use_first_token_last_layer(model)
         return model
-    encoder = AutoModel.from_pretrained(directory)
+    encoder = bare_encoder(config, directory)
     model = PooledClassifier(encoder, head, config.num_labels, dropout=0.0)
     missing, unexpected = model.load_state_dict(load_file(str(Path(directory) / HEAD_WEIGHTS)), strict=False)
     head_missing = [k for k in missing if not k.startswith("encoder.")]
@@ -250,7 +259,7 @@ def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> None:
             matched.update(hits)
     unmatched = [p for p in patterns if p not in matched]
     if unmatched:
-        raise ValueError(f"model.freeze: patterns {unmatched} match no parameter name")
+        raise ConfigError(f"model.freeze: patterns {unmatched} match no parameter name")
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -46,3 +46,17 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, 
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
     return optimizer, scheduler
+
+
+def loss_scale(scaler: torch.amp.GradScaler | None) -> float | None:
+    """fp16's loss scale before an optimizer step (None without a scaler); see `scaler_skipped_step`."""
+    return scaler.get_scale() if scaler is not None else None
+
+
+def scaler_skipped_step(scaler: torch.amp.GradScaler | None, scale_before: float | None) -> bool:
+    """Whether the step just taken was skipped for inf/NaN gradients.
+
+    accelerate tells by whether the optimizer's step() ran, but GradScaler calls a fused
+    AdamW's step() every time and the kernel itself leaves the weights alone. GradScaler
+    lowers the scale after, and only after, a skipped step."""
+    return scale_before is not None and scaler.get_scale() < scale_before

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from distsent.config import read_yaml
-from distsent.data import encode_texts
+from distsent.checkpoint import EXPORT_CONFIG_NAME
+from distsent.config import ConfigError, DataConfig, config_from_dict, read_yaml
+from distsent.data import clean_text, encode_texts
 from distsent.modeling import label_names_of, load_classifier, probabilities
 
 
@@ -19,25 +20,32 @@ class Predictor:
     def __init__(self, model_dir: str | Path, device: str | None = None) -> None:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir}: not an exported model (no config.json)")
+            raise ConfigError(
+                f"--model {model_dir}: not an exported model (no config.json); give a run's best/ or final/"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_classifier(model_dir).to(self.device).eval()
         self.label_names = label_names_of(self.model.config)
-        # Truncate as in training (max_length, head or head+tail) when the export says how.
-        saved = model_dir / "distsent_config.yaml"
-        data = read_yaml(saved.read_text())["data"] if saved.is_file() else {}
-        self.max_length = min(data.get("max_length", 512), self.tokenizer.model_max_length)
-        self.truncation = data.get("truncation", "head")
-        self.head_tokens = data.get("head_tokens", 128)
+        # Clean and truncate as in training (HTML, URLs, case; max_length, head or head+tail)
+        # when the export says how; a model from elsewhere gets its texts as they are.
+        saved = model_dir / EXPORT_CONFIG_NAME
+        self.data = config_from_dict(read_yaml(saved.read_text())).data if saved.is_file() else DataConfig()
+        longest = self.data.max_length if saved.is_file() else 512
+        self.max_length = min(longest, self.tokenizer.model_max_length)
 
     @torch.no_grad()
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """(N, num_labels) class probabilities, in input order."""
         out = []
+        texts = [clean_text(text, self.data) for text in texts]
         for start in range(0, len(texts), batch_size):
             ids = encode_texts(
-                texts[start : start + batch_size], self.tokenizer, self.max_length, self.truncation, self.head_tokens
+                texts[start : start + batch_size],
+                self.tokenizer,
+                self.max_length,
+                self.data.truncation,
+                self.data.head_tokens,
             )
             batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -18,25 +18,27 @@ from distsent.allocator import ALLOCATOR_ENV, active_allocator
 from distsent.batching import PackingCollator, TrainBatchPlan
 from distsent.build_locks import describe_stale_lock, stale_build_locks
 from distsent.checkpoint import (
-    archive_history,
+    RUN_CONFIG_NAME,
+    archive_previous_run,
     export_model,
     load_checkpoint,
     read_checkpoint_payload,
-    remove_partial_checkpoints,
     resolve_resume,
     rollback_history,
     save_checkpoint,
+    tidy_interrupted_exports,
+    tidy_interrupted_writes,
 )
 from distsent.config import Config, ConfigError, TrainConfig, save_config
 from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
-from distsent.data import load_labeled_splits, tokenize
+from distsent.data import load_labeled_splits, tokenize, tokenized_fingerprint
 from distsent.distributed import build_accelerator, default_resume_mode, model_construction_context, read_launch_info
 from distsent.evaluate import evaluate
 from distsent.first_token import use_first_token_last_layer
-from distsent.metrics import LOWER_IS_BETTER, is_improvement
+from distsent.metrics import LOWER_IS_BETTER, is_improvement, selectable_metrics
 from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
-from distsent.optim import build_optimizer
-from distsent.packing import is_packed, model_inputs, real_tokens, training_collator
+from distsent.optim import build_optimizer, loss_scale, scaler_skipped_step
+from distsent.packing import is_packed, model_inputs, position_limit, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher
 from distsent.tracking import RunLogger, peak_memory_mib
@@ -67,19 +69,55 @@ class TrainState:
     wandb_run_id: str | None = None
 
 
-def run_fingerprint(cfg: Config, world_size: int) -> dict:
-    """What must match for a checkpoint to continue this run exactly."""
-    return {
-        "model.name": cfg.model.name,
-        "model.head": cfg.model.head,
-        "model.single_logit": cfg.model.single_logit,
-        "data.dataset": cfg.data.dataset,
-        "data.train_file": cfg.data.train_file,
-        "train.seed": cfg.train.seed,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "world_size": world_size,
+# Settings a resumed run may change: where and how often it reports, validates and
+# checkpoints, and which kernels compute it. Every other setting decides which examples are
+# seen, in what order, or what the optimizer does with them.
+RESUMABLE_SETTINGS = (
+    "output_dir",
+    "train.resume",
+    "train.eval_batch_size",
+    "train.log_every_steps",
+    "train.eval_every_steps",
+    "train.eval_every_epoch",
+    "train.early_stopping_patience",
+    "train.early_stopping_target",
+    "train.threads",
+    "train.cpu_keep_freed_memory",
+    "train.compile",
+    "train.unpad",
+    "train.unpad_min_padding",
+    "model.attn_implementation",
+    # The training set is compared by content (below): its files may move.
+    "data.train_file",
+    "data.validation_file",
+    "data.test_file",
+    "data.cache_tokenized",
+    "data.max_eval_samples",
+)
+RESUMABLE_SECTIONS = ("checkpoint.", "log.")
+
+
+def run_fingerprint(cfg: Config, world_size: int, train_set_digest: str) -> dict:
+    """What must match for a checkpoint to continue this run: every setting but those a
+    resumed run may change, the process count, and a digest of the tokenised training set."""
+    settings = flatten_settings(cfg.to_dict())
+    fingerprint = {
+        key: value
+        for key, value in settings.items()
+        if key not in RESUMABLE_SETTINGS and not key.startswith(RESUMABLE_SECTIONS)
     }
+    return {**fingerprint, "world_size": world_size, "train_set": train_set_digest}
+
+
+def flatten_settings(nested: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-5}} as {"train.lr": 1e-5}."""
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def build_class_weights(setting, train_labels: list[int], label_names: list[str], device) -> torch.Tensor | None:
@@ -127,10 +165,8 @@ def train(cfg: Config) -> dict:
     try:
         output_dir = Path(cfg.output_dir)
         if accelerator.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, output_dir / "config.yaml")
-            for partial in remove_partial_checkpoints(output_dir):
-                log.warning("removed %s, left by an interrupted checkpoint write", partial)
+            for what in tidy_interrupted_writes(output_dir) + tidy_interrupted_exports(output_dir):
+                log.warning(what)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         on_cpu = accelerator.device.type == "cpu"
@@ -146,6 +182,12 @@ def train(cfg: Config) -> dict:
             train_set = tokenize(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
             eval_set = tokenize(splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data)
         label_names = splits.label_names
+        choices = selectable_metrics(splits.labels["validation"], label_names)
+        if cfg.train.best_metric not in choices:
+            # Said now, not at the first validation an epoch later.
+            raise ConfigError(
+                f"train.best_metric={cfg.train.best_metric}: this validation set reports {', '.join(choices)}"
+            )
 
         world_size = accelerator.num_processes
         plan = TrainBatchPlan(
@@ -162,6 +204,12 @@ def train(cfg: Config) -> dict:
 
         with model_construction_context(accelerator):
             model = build_model(cfg.model, label_names, len(tokenizer))
+        limit = position_limit(model)
+        if limit is not None and cfg.data.max_length > limit:
+            # Otherwise an index error some steps in, at the first text that long.
+            raise ConfigError(
+                f"data.max_length={cfg.data.max_length}: {cfg.model.name} has positions for {limit} tokens"
+            )
         first_token_only = cfg.model.last_layer_cls_only and use_first_token_last_layer(model)
         if on_cpu and not cfg.train.compile:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
@@ -180,7 +228,9 @@ def train(cfg: Config) -> dict:
         )
 
         state = TrainState()
-        fingerprint = run_fingerprint(cfg, world_size)
+        fingerprint = run_fingerprint(
+            cfg, world_size, tokenized_fingerprint(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
+        )
         resume_from = resolve_resume(cfg.train.resume or default_resume_mode(), output_dir)
         if resume_from is not None:
             payload = read_checkpoint_payload(resume_from, fingerprint)
@@ -190,9 +240,13 @@ def train(cfg: Config) -> dict:
             if accelerator.is_main_process:
                 rollback_history(output_dir, state.global_step)
         elif accelerator.is_main_process:
-            archived = archive_history(output_dir)
-            if archived:
-                log.warning("a fresh run in an existing folder: earlier metrics moved to %s", archived)
+            for archived in archive_previous_run(output_dir):
+                log.warning("a fresh run in an existing folder: moved the earlier run's files to %s", archived)
+        if accelerator.is_main_process:
+            # Only now that the data, the settings and any checkpoint are accepted: a refused
+            # run leaves the folder as the earlier run left it.
+            output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, output_dir / RUN_CONFIG_NAME)
 
         run_logger = RunLogger(
             cfg,
@@ -292,7 +346,8 @@ def train(cfg: Config) -> dict:
         grad_norm = None
         packed_micro_batches = 0  # by this process since it started
         model.train()
-        while state.global_step < total_steps:
+        # A run resumed from the checkpoint of its early stop has nothing left to train.
+        while state.global_step < total_steps and not state.stopped_early:
             epoch, step_in_epoch = divmod(state.global_step, steps_per_epoch)
             loader = DataLoader(
                 train_set,
@@ -315,6 +370,7 @@ def train(cfg: Config) -> dict:
                     if accelerator.sync_gradients:
                         # Returns the norm before clipping; inf means "measure, don't clip".
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
+                        scale_before = loss_scale(accelerator.scaler)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
@@ -324,7 +380,10 @@ def train(cfg: Config) -> dict:
                 if not accelerator.sync_gradients:
                     continue
 
-                if not accelerator.optimizer_step_was_skipped:
+                skipped = accelerator.optimizer_step_was_skipped or scaler_skipped_step(
+                    accelerator.scaler, scale_before
+                )
+                if not skipped:  # a step skipped for fp16 overflow does not advance the schedule
                     scheduler.step()
                 state.global_step += 1
                 state.train_seconds += time.perf_counter() - step_start
@@ -379,8 +438,10 @@ def train(cfg: Config) -> dict:
                 step_start = time.perf_counter()
             if state.stopped_early:
                 log.info("early stop at step %d: %s", state.global_step, state.stopped_early)
-                break
 
+        if state.window_micro_batches:
+            # An early stop falls between logging windows: the last window's tokens still count.
+            state.train_tokens += int(accelerator.reduce(window_tokens, "sum").item())
         export_model(
             accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final"
         )

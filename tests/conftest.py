@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from distsent.modeling import HEAD_WEIGHTS
+
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: tiny-bert, a few hundred examples, fp32 so results are exact.
 TINY = [
@@ -141,7 +143,11 @@ def launch(
 def load_weights(export_dir: Path) -> dict:
     from safetensors.torch import load_file
 
-    return load_file(export_dir / "model.safetensors")
+    weights = load_file(export_dir / "model.safetensors")
+    head = export_dir / HEAD_WEIGHTS  # a distsent head's own weights (mean, cnn)
+    if head.exists():
+        weights.update({f"head.{name}": tensor for name, tensor in load_file(head).items()})
+    return weights
 
 
 def max_weight_difference(a: Path, b: Path) -> float:

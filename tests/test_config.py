@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from distsent.config import Config, ConfigError, load_config, parse_override
-from tests.conftest import REPO, run_cli
+from distsent.metrics import selectable_metrics
+from tests.conftest import REPO, TINY, run_cli
 
 
 def test_defaults_validate():
@@ -69,3 +70,34 @@ def test_cli_refuses_bad_config_before_work(override: str, tmp_path: Path):
     assert result.returncode != 0
     assert override.split("=")[0] in result.stderr
     assert not (tmp_path / "run").exists(), "nothing may be written for a refused config"
+
+
+def test_unknown_best_metric_is_refused_before_training(tmp_path: Path):
+    result = run_cli("train", *TINY, "train.best_metric=f1_macr", f"output_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 2
+    assert "train.best_metric=f1_macr" in result.stderr and "f1_macro" in result.stderr
+    assert not (tmp_path / "run").exists(), "nothing may be written for a refused config"
+
+
+def test_selectable_metrics_follow_the_task():
+    binary = selectable_metrics([0, 1, 1], ["neg", "pos"])
+    assert {"loss", "accuracy", "f1", "f1_macro", "roc_auc"} <= set(binary)
+    assert "roc_auc" not in selectable_metrics([1, 1], ["neg", "pos"])  # undefined on one class
+    assert "f1" not in selectable_metrics([0, 1, 2], ["sad", "happy", "angry"])
+
+
+@pytest.mark.parametrize(
+    "command, fragment",
+    [
+        (["predict", "--model", "{tmp}/nowhere", "great film"], "not an exported model"),
+        (["report", "{tmp}"], "not a run folder"),
+        (["train", *TINY, "model.freeze=[nomatch.]", "output_dir={tmp}/run"], "model.freeze"),
+        # tiny-bert has 512 positions; without the check, training failed at the first long text.
+        (["train", *TINY, "data.max_length=1024", "output_dir={tmp}/run"], "positions for 512 tokens"),
+    ],
+    ids=["predict", "report", "freeze", "max_length"],
+)
+def test_user_mistakes_get_one_line_and_exit_2(tmp_path: Path, command: list[str], fragment: str):
+    result = run_cli(*(item.replace("{tmp}", str(tmp_path)) for item in command), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert fragment in result.stderr and "Traceback" not in result.stderr

@@ -59,6 +59,21 @@ def test_rare_class_reaches_every_split():
     assert len(set(keep) | set(held)) == len(labels)
 
 
+@pytest.mark.parametrize(
+    "labels, fraction",
+    [
+        ([0] * 20 + [1] * 20 + [2] * 3 + [3], 0.1),  # a class of one row, which used to end stratification
+        ([0] * 20 + [1] * 20 + [2] * 2 + [3] * 2, 0.05),  # fewer rows to hold out than classes
+    ],
+)
+def test_stratification_survives_a_single_row_class_and_a_small_fraction(labels, fraction):
+    keep, held = stratified_split(labels, fraction, seed=42)
+    assert sorted([*keep, *held]) == list(range(len(labels)))
+    classes_of_two_or_more = {label for label in labels if labels.count(label) >= 2}
+    assert {labels[i] for i in held} == classes_of_two_or_more
+    assert {labels[i] for i in keep} == set(labels)  # the single row trains
+
+
 @pytest.mark.parametrize("suffix", ["csv", "tsv", "jsonl", "json", "parquet"])
 def test_every_file_format_with_string_or_int_labels(tmp_path, suffix):
     rows = [{"review": f"text number {i}", "stars": i % 2} for i in range(40)]
@@ -201,10 +216,12 @@ def test_bad_data_names_the_problem_and_keeps_earlier_exports(
     if validation is not None:
         args.append(f"data.validation_file={write(tmp_path / name.replace('.csv', '_val.csv'), validation)}")
     before = (tiny_export / "model.safetensors").read_bytes()
+    config_before = (tiny_export.parent / "config.yaml").read_bytes()
     result = run_cli(*args, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     assert fragment in result.stderr
     assert (tiny_export / "model.safetensors").read_bytes() == before
+    assert (tiny_export.parent / "config.yaml").read_bytes() == config_before, "the refused run's config replaced it"
 
 
 def test_bad_rows_skip_mode_counts_them(tmp_path):

@@ -131,6 +131,18 @@ def test_bf16_ddp_exports_fp32(tmp_path):
     AutoModelForSequenceClassification.from_pretrained(out / "final")
 
 
+@pytest.mark.parametrize("head", ["mean", "cnn"])
+def test_distsent_heads_under_ddp_equal_one_process(tmp_path, head):
+    # These heads read no pooler; with one left in the encoder, DDP stopped at the second step
+    # on its parameters, which got no gradient.
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    steps = [*EQUIVALENCE, f"model.head={head}", "train.max_steps=6"]
+    run_cli("train", *steps, "train.grad_accum_steps=2", f"output_dir={single}")
+    launch("ddp.yaml", 2, "train", *steps, f"output_dir={ddp}")
+    assert read_summary(ddp)["global_step"] == 6
+    assert max_weight_difference(single / "final", ddp / "final") <= ATOL
+
+
 def test_zero1_runs(tmp_path):
     out = tmp_path / "zero1"
     launch("zero1.yaml", 2, "train", *TINY, "train.max_steps=6", f"output_dir={out}")

@@ -86,6 +86,12 @@ def test_head_trains_exports_reloads_and_predicts(tmp_path, heldout_file, name):
         assert row["gold"] != row["predicted"] and 0.5 <= row["confidence"] <= 1.0 and row["text"]
     if name == "cls":
         AutoModelForSequenceClassification.from_pretrained(export)  # plain transformers loads the cls head
+    # The model card shows the way this export loads.
+    card = (export / "README.md").read_text()
+    assert card.splitlines()[6] == f"# {out.name}/final"
+    transformers_head = name in ("cls", "single_logit")
+    assert ("pipeline(" in card) == transformers_head
+    assert ("from distsent.predict import Predictor" in card) == (not transformers_head)
 
 
 def test_freezing_by_name_pattern():

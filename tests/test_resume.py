@@ -14,7 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distsent.checkpoint import COMPLETE_MARKER, complete_checkpoints
+from distsent.checkpoint import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    complete_checkpoints,
+    rollback_history,
+    tidy_interrupted_exports,
+    tidy_interrupted_writes,
+)
 from distsent.preemption import EXIT_PREEMPTED
 from tests.conftest import REPO, TINY, cli_env, launch, max_weight_difference, read_summary, run_cli
 
@@ -144,10 +151,16 @@ def test_kill_during_checkpoint_write_leaves_a_usable_checkpoint(straight, tmp_p
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert complete_checkpoints(run), "no complete checkpoint before the kill"
+    # A partial folder that has its marker missed only its rename: the next start completes it.
+    finished = [
+        run / "checkpoints" / path.name.removeprefix(".partial-")
+        for path in (run / "checkpoints").glob(".partial-*")
+        if (path / COMPLETE_MARKER).is_file()
+    ]
+    newest = max([*complete_checkpoints(run), *finished], key=lambda path: path.name)
     # Also leave the other half-written shapes a crash can produce.
-    newest = complete_checkpoints(run)[-1]
     unmarked = run / "checkpoints" / "step-00009999"
-    shutil.copytree(newest, unmarked)
+    shutil.copytree(complete_checkpoints(run)[-1], unmarked)
     (unmarked / COMPLETE_MARKER).unlink()
     result = run_cli(*args, "train.resume=auto")
     assert f"resumed from  {newest}" in result.stdout
@@ -196,7 +209,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
     import torch
 
-    from distsent.checkpoint import CheckpointError, verify_no_arbitrary_pickles
+    from distsent.checkpoint import verify_no_arbitrary_pickles
 
     torch.save({"ok": torch.zeros(2)}, tmp_path / "fine.pt")
     verify_no_arbitrary_pickles(tmp_path)
@@ -237,3 +250,99 @@ def test_preemption_during_validation_redoes_it_on_resume(tmp_path):
     assert [e["step"] for e in evals] == [5, 10]
     assert read_summary(run)["eval"]["accuracy"] == read_summary(straight)["eval"]["accuracy"]
     assert max_weight_difference(run / "final", straight / "final") == 0.0
+
+
+def test_resuming_after_an_early_stop_trains_no_further(tmp_path):
+    # The stop at step 4 is checkpointed; a requeued job must not take a step 5.
+    run = tmp_path / "stopped"
+    args = [
+        "train",
+        *TINY,
+        "train.max_steps=20",
+        "train.eval_every_steps=4",
+        "checkpoint.every_steps=4",
+        "train.early_stopping_target=0.0",
+        f"output_dir={run}",
+    ]
+    run_cli(*args)
+    first = read_summary(run)
+    assert first["global_step"] == 4 and first["stopped_early"]
+    # Steps 1-4 never completed a logging window (every 5 steps); their tokens still count.
+    assert first["train_tokens"] > 0 and first["train_tokens_per_second"] > 0
+    shutil.copytree(run / "final", tmp_path / "first_final")
+    result = run_cli(*args, "train.resume=auto")
+    assert "resumed from" in result.stdout
+    assert read_summary(run)["global_step"] == 4
+    assert max_weight_difference(run / "final", tmp_path / "first_final") == 0.0
+
+
+def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_path):
+    run = tmp_path / "reused"
+    earlier = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=3", f"output_dir={run}"]
+    run_cli(*earlier)
+    later = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", "train.lr=1e-4", f"output_dir={run}"]
+    run_cli(*later)
+    # The later run's pruning kept its own checkpoints and left the earlier run's alone.
+    assert [c.name for c in complete_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    (moved,) = run.glob("checkpoints.before-*")
+    assert [p.name for p in moved.iterdir()] == ["step-00000003"]
+    assert len(list(run.glob("metrics.before-*.jsonl"))) == 1
+    assert "step-00000004" in run_cli(*later, "train.resume=auto").stdout
+    # The earlier run's settings do not continue the later run: its lr differs.
+    refused = run_cli(*earlier, "train.resume=auto", check=False)
+    assert refused.returncode == 2 and "train.lr: checkpoint 0.0001, this run 5e-05" in refused.stderr
+
+
+def test_a_changed_training_set_is_refused_on_resume(tmp_path):
+    run = tmp_path / "data"
+    base = ["train", *TINY, "train.max_steps=4", "checkpoint.every_steps=2", f"output_dir={run}"]
+    run_cli(*base)
+    # One example fewer shifts every later batch: not a continuation of the same run.
+    refused = run_cli(*base, "data.validation_fraction=0.11", "train.resume=auto", check=False)
+    assert refused.returncode == 2 and "train_set" in refused.stderr and "data.validation_fraction" in refused.stderr
+
+
+def test_interrupted_checkpoint_writes_are_finished_or_undone(tmp_path):
+    root = tmp_path / "checkpoints"
+
+    def folder(name: str, marked: bool) -> None:
+        path = root / name
+        path.mkdir(parents=True)
+        (path / "weights").write_text(name)
+        if marked:
+            (path / COMPLETE_MARKER).write_text("1\n")
+
+    folder(".partial-step-00000005", marked=True)  # killed between its marker and its rename
+    folder(".step-00000006.old-1a2b3c4d", marked=True)  # killed after retiring step 6, before the new one moved in
+    folder(".partial-step-00000007", marked=False)  # killed mid-write
+    folder("step-00000008", marked=False)
+    folder("step-00000009", marked=True)
+    folder(".step-00000009.old-5e6f7a8b", marked=True)  # killed before the replaced copy was deleted
+    done = tidy_interrupted_writes(tmp_path)
+    assert len(done) == 5
+    names = ["step-00000005", "step-00000006", "step-00000009"]
+    assert [c.name for c in complete_checkpoints(tmp_path)] == names
+    assert sorted(p.name for p in root.iterdir()) == names
+    assert (root / "step-00000009" / "weights").read_text() == "step-00000009"
+
+
+def test_interrupted_exports_are_undone(tmp_path):
+    for name in (".best.tmp-1a2b3c4d", "best", ".best.old-5e6f7a8b", ".final.old-9c0d1e2f"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text(name)
+    done = tidy_interrupted_exports(tmp_path)
+    assert len(done) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "best"
+    assert (tmp_path / "final" / "model.safetensors").read_text() == ".final.old-9c0d1e2f"
+
+
+def test_a_torn_last_history_line_is_dropped_on_resume(tmp_path):
+    events = [json.dumps({"event": "train", "step": step, "loss": 0.5}) for step in (5, 10, 15)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(events) + '\n{"event": "eval", "st')
+    assert rollback_history(tmp_path, 10) == 2
+    assert metrics.read_text().splitlines() == events[:2]
+    metrics.write_text(events[0] + "\n{broken\n" + events[1] + "\n")
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: not a JSON object"):
+        rollback_history(tmp_path, 10)

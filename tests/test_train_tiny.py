@@ -108,6 +108,25 @@ def test_predict_prints_one_json_per_text(tiny_run: Path):
     assert rows[0]["label"] == model.config.id2label[int(probs.argmax())]
 
 
+def test_predictions_clean_texts_as_training_did(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    import yaml
+
+    from distsent.predict import Predictor
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_run / "final", export)
+    settings = yaml.safe_load((export / "distsent_config.yaml").read_text())
+    texts = ["What a <br />GREAT film http://x.io/review", "what a great film"]
+    plain = Predictor(export).predict_proba(texts)
+    assert not torch.allclose(plain[0], plain[1])
+    settings["data"].update(strip_html=True, strip_urls=True, lowercase=True)
+    (export / "distsent_config.yaml").write_text(yaml.safe_dump(settings))
+    cleaned = Predictor(export).predict_proba(texts)
+    assert torch.allclose(cleaned[0], cleaned[1])
+
+
 def test_tiny_bert_is_small(tiny_run: Path):
     size_mb = (tiny_run / "final" / "model.safetensors").stat().st_size / 2**20
     assert size_mb < 5
@@ -152,3 +171,23 @@ def test_packed_training_matches_padded(tmp_path: Path, head: str):
     a, b = load_file(padded / "final" / "model.safetensors"), load_file(packed / "final" / "model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_an_fp16_step_skipped_inside_fused_adamw_is_seen():
+    # GradScaler calls a fused AdamW's step() even on overflow (the kernel skips the update),
+    # so "was step() called" cannot tell; the scale, lowered after each skip, can.
+    from distsent.optim import loss_scale, scaler_skipped_step
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    for gradient, skipped in ((float("inf"), True), (1.0, False)):
+        before_weight = weight.detach().clone()
+        optimizer.zero_grad()
+        scaler.scale((weight * gradient).sum()).backward()
+        scale_before = loss_scale(scaler)
+        scaler.step(optimizer)
+        scaler.update()
+        assert torch.equal(weight.detach(), before_weight) == skipped
+        assert scaler_skipped_step(scaler, scale_before) == skipped
+    assert not scaler_skipped_step(None, loss_scale(None))
