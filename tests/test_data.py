@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from distsent.config import load_config
+from distsent.config import ConfigError, load_config
 from distsent.data import (
     DataError,
     encode_texts,
@@ -237,3 +237,20 @@ def tiny_export(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("earlier") / "run"
     run_cli("train", *TINY, "train.max_steps=4", f"output_dir={out}")
     return out / "final"
+
+
+def test_labels_are_stripped_and_dropped_by_name(tmp_path):
+    # `"text", positive` as a spreadsheet writes it: the label is `positive`.
+    spaced = write(
+        tmp_path / "spaced.csv", "text,label\n" + "".join(f"text {i}, {('neg', 'pos')[i % 2]}\n" for i in range(40))
+    )
+    cfg = load_config(None, ["data.dataset=files", f"data.train_file={spaced}"])
+    assert load_labeled_splits(cfg.data).label_names == ["neg", "pos"]
+    # Integer labels indexing data.labels are dropped by their name.
+    numbered = write(tmp_path / "numbered.csv", "text,label\n" + "".join(f"text {i},{i % 3}\n" for i in range(60)))
+    named = ["data.dataset=files", f"data.train_file={numbered}", "data.labels=[negative, neutral, positive]"]
+    splits = load_labeled_splits(load_config(None, [*named, "data.drop_labels=[neutral]"]).data)
+    assert sum(len(texts) for texts in splits.texts.values()) == 40
+    assert "dropped 20 listed label row(s)" in " ".join(splits.notes)
+    with pytest.raises(ConfigError, match=r"data.drop_labels: \['nuetral'\] match no row's label"):
+        load_labeled_splits(load_config(None, [*named, "data.drop_labels=[nuetral]"]).data)
