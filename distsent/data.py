@@ -435,10 +435,13 @@ def _special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
 TOKENIZED_FORMAT = 1
 
 
-def tokenize(texts: list[str], labels: list[int], tokenizer, cfg: DataConfig) -> datasets.Dataset:
+def tokenize(
+    texts: list[str], labels: list[int], tokenizer, cfg: DataConfig, fingerprint: str | None = None
+) -> datasets.Dataset:
     """Tokenise once, without padding (batches pad to their own longest text).
 
-    With data.cache_tokenized the result is an Arrow file named by `tokenized_fingerprint`:
+    With data.cache_tokenized the result is an Arrow file named by `tokenized_fingerprint`
+    (`fingerprint`, where the caller has it already):
     reruns, resumed runs and the other ranks (which wait for rank 0) load it instead of
     tokenising again. datasets writes it to a temporary file and renames it, so a run killed
     mid-write leaves no partial cache behind."""
@@ -450,7 +453,7 @@ def tokenize(texts: list[str], labels: list[int], tokenizer, cfg: DataConfig) ->
 
     cache = {}
     if cfg.cache_tokenized:
-        fingerprint = tokenized_fingerprint(texts, labels, tokenizer, cfg)
+        fingerprint = fingerprint or tokenized_fingerprint(texts, labels, tokenizer, cfg)
         cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "distsent-tokenized"
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache = {"cache_file_name": str(cache_dir / f"{fingerprint}.arrow"), "new_fingerprint": fingerprint}

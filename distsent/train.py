@@ -179,7 +179,9 @@ def train(cfg: Config) -> dict:
         # Rank 0 reads and tokenises first so the others reuse its datasets cache.
         with accelerator.main_process_first():
             splits = load_labeled_splits(cfg.data)
-            train_set = tokenize(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
+            # Names the tokenised cache and, in the resume check, the training set.
+            train_digest = tokenized_fingerprint(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
+            train_set = tokenize(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data, train_digest)
             eval_set = tokenize(splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data)
         label_names = splits.label_names
         choices = selectable_metrics(splits.labels["validation"], label_names)
@@ -228,9 +230,7 @@ def train(cfg: Config) -> dict:
         )
 
         state = TrainState()
-        fingerprint = run_fingerprint(
-            cfg, world_size, tokenized_fingerprint(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
-        )
+        fingerprint = run_fingerprint(cfg, world_size, train_digest)
         resume_from = resolve_resume(cfg.train.resume or default_resume_mode(), output_dir)
         if resume_from is not None:
             payload = read_checkpoint_payload(resume_from, fingerprint)
@@ -346,6 +346,9 @@ def train(cfg: Config) -> dict:
         grad_norm = None
         packed_micro_batches = 0  # by this process since it started
         model.train()
+        # fp16's loss scale after the last step. Read after each step, not before: a read waits
+        # for the GPU, and before the step it would hold back queuing the optimizer.
+        scale_before = loss_scale(accelerator.scaler)
         # A run resumed from the checkpoint of its early stop has nothing left to train.
         while state.global_step < total_steps and not state.stopped_early:
             epoch, step_in_epoch = divmod(state.global_step, steps_per_epoch)
@@ -370,7 +373,6 @@ def train(cfg: Config) -> dict:
                     if accelerator.sync_gradients:
                         # Returns the norm before clipping; inf means "measure, don't clip".
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-                        scale_before = loss_scale(accelerator.scaler)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
@@ -385,6 +387,7 @@ def train(cfg: Config) -> dict:
                 )
                 if not skipped:  # a step skipped for fp16 overflow does not advance the schedule
                     scheduler.step()
+                scale_before = loss_scale(accelerator.scaler)
                 state.global_step += 1
                 state.train_seconds += time.perf_counter() - step_start
                 run_logger.advance(1)
