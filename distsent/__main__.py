@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Only the light modules at import time: `train` may re-execute itself before torch is loaded.
 from distsent.allocator import use_tcmalloc
-from distsent.config import ConfigError
+from distsent.config import ConfigError, settings_reference
 from distsent.worker_exit import exit_without_teardown, report_fatal_signals
 
 EXIT_USAGE = 2
@@ -70,11 +70,11 @@ def _read_texts(path: Path, text_column: str) -> list[str]:
             raise DataError(f"{path}: file not found")
         return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     from distsent.config import DataConfig
-    from distsent.data import BadRows, read_file
+    from distsent.data import CLI_FLAGS, BadRows, read_file
 
     # Unlabelled files are fine here: the label column is only required by evaluate.
     cfg = DataConfig(text_column=text_column, label_column=text_column)
-    return read_file(str(path), cfg, BadRows("error")).texts
+    return read_file(str(path), cfg, BadRows("error", CLI_FLAGS)).texts
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", help="fine-tune a model", description="distsent train [CONFIG.yaml] [section.key=value ...]"
+        "train",
+        help="fine-tune a model",
+        description="distsent train [CONFIG.yaml] [section.key=value ...]",
+        epilog=settings_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument(
         "items", nargs="*", metavar="CONFIG_OR_OVERRIDE", help="optional YAML config, then dotted overrides"
@@ -143,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="labelled CSV, TSV, JSON, JSONL or Parquet file")
     evaluate.add_argument("--text-column", default="text")
     evaluate.add_argument("--label-column", default="label")
-    evaluate.add_argument("--bad-rows", choices=["error", "skip"], default="error", help="refuse or skip unusable rows")
+    evaluate.add_argument(
+        "--bad-rows",
+        choices=["error", "skip"],
+        default="error",
+        help="refuse or skip unusable rows: malformed ones, or a label the model does not know",
+    )
     evaluate.add_argument("--misclassified", help="where to write misclassified rows (default: beside --data)")
     evaluate.set_defaults(handler=_evaluate)
 

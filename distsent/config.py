@@ -8,8 +8,13 @@ starts, with a message naming the key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import inspect
+import itertools
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -383,6 +388,32 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
 
+def _all_keys(section_type: type | None = None, prefix: str = "") -> list[str]:
+    """Every settable dotted key (`train.lr`), in declaration order."""
+    hints = typing.get_type_hints(section_type or Config)
+    keys = []
+    for f in dataclasses.fields(section_type or Config):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key_message(key: str, names: set[str]) -> str:
+    """Names the unknown key, with the likeliest intended one: the same name in another
+    section (`lr` for `train.lr`) or a close spelling."""
+    last = key.rsplit(".", 1)[-1]
+    guesses = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == last] or difflib.get_close_matches(
+        key, _all_keys(), n=1, cutoff=0.75
+    )
+    hint = f"did you mean {guesses[0]}? " if guesses else ""
+    return (
+        f"unknown config key {key!r} ({hint}known here: {', '.join(sorted(names))}; `distsent train --help` lists all)"
+    )
+
+
 def _apply(target: Any, values: dict[str, Any], prefix: str) -> None:
     """Set fields of dataclass `target` from a nested dict, naming any unknown key."""
     hints = typing.get_type_hints(type(target))
@@ -390,7 +421,7 @@ def _apply(target: Any, values: dict[str, Any], prefix: str) -> None:
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ConfigError(f"unknown config key {key!r} (known: {', '.join(sorted(names))})")
+            raise ConfigError(_unknown_key_message(key, names))
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -408,6 +439,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = read_yaml(raw) if raw else ""
     except yaml.YAMLError:
+        value = raw
+    # Lists and mappings come only from flow syntax (`[a, b]`); YAML's block syntax on a
+    # command line is an accident (`data.multi_label_separator=-` would be a list).
+    if isinstance(value, (list, dict)) and not raw.lstrip().startswith(("[", "{")):
         value = raw
     return key.split("."), value
 
@@ -453,3 +488,66 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """Each section class's field descriptions: the string literal under each field."""
+    try:
+        module = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    except OSError:  # source not shipped (e.g. a zipped install): keys without text
+        return {}
+    docs: dict[str, dict[str, str]] = {}
+    for node in module.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs.setdefault(node.name, {})
+        for field_node, following in itertools.pairwise(node.body):
+            if (
+                isinstance(field_node, ast.AnnAssign)
+                and isinstance(field_node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                fields[field_node.target.id] = " ".join(inspect.cleandoc(following.value.value).split())
+    return docs
+
+
+def _as_override(value: Any) -> str:
+    """A default written the way it is typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def settings_reference(width: int = 88) -> str:
+    """Every key with its default, choices and description: `distsent train --help`."""
+    lines = ["settings (key=default), set in a YAML file or as section.key=value:"]
+    defaults = Config()
+    docs = _field_docs()
+    sections: list[tuple[str, Any]] = [("", defaults)] + [
+        (f"{f.name}.", getattr(defaults, f.name))
+        for f in dataclasses.fields(defaults)
+        if dataclasses.is_dataclass(getattr(defaults, f.name))
+    ]
+    for prefix, section in sections:
+        hints = typing.get_type_hints(type(section))
+        section_docs = docs.get(type(section).__name__, {})
+        if prefix:
+            lines.append("")
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                continue
+            entry = f"  {prefix}{f.name}={_as_override(value)}"
+            choices = [a for a in typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal]
+            if choices:
+                entry += f"  ({'|'.join(map(str, choices))})"
+            lines.append(entry)
+            if f.name in section_docs:
+                lines += textwrap.wrap(section_docs[f.name], width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)

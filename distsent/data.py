@@ -59,16 +59,32 @@ class LabeledSplits:
         return {split: len(texts) for split, texts in self.texts.items()}
 
 
+@dataclass(frozen=True)
+class SettingNames:
+    """What error messages call the settings behind them, so that the fix they suggest is
+    the one the user can type: config keys for training, flags for predict and evaluate."""
+
+    text_column: str = "data.text_column"
+    label_column: str = "data.label_column"
+    skip_bad_rows: str = "set data.bad_rows=skip"
+
+
+CLI_FLAGS = SettingNames(
+    text_column="--text-column", label_column="--label-column", skip_bad_rows="pass --bad-rows skip"
+)
+
+
 class BadRows:
     """Applies data.bad_rows: raise on the first bad row, or count and skip."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, names: SettingNames = SettingNames()) -> None:
         self.mode = mode
+        self.names = names
         self.skipped: dict[str, int] = {}
 
     def report(self, origin: str, problem: str) -> None:
         if self.mode == "error":
-            raise DataError(f"{origin}: {problem} (set data.bad_rows=skip to drop such rows)")
+            raise DataError(f"{origin}: {problem} ({self.names.skip_bad_rows} to drop such rows)")
         kind = problem.split(":")[0]
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
 
@@ -133,7 +149,7 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
             raise DataError(f"{path}: no header row")
     else:
         header = list(cfg.column_names)
-    _require_columns(path, header, cfg)
+    _require_columns(path, header, cfg, bad.names)
     text_at, label_at = header.index(cfg.text_column), header.index(cfg.label_column)
     texts, labels, origins = [], [], []
     line = reader.line_num
@@ -169,7 +185,7 @@ def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
             except json.JSONDecodeError as error:
                 bad.report(f"{path}:{number}", f"malformed row: not valid JSON ({error.msg})")
     if records and isinstance(records[0][1], dict):
-        _require_columns(path, list(records[0][1]), cfg)
+        _require_columns(path, list(records[0][1]), cfg, bad.names)
     texts, labels, origins = [], [], []
     for origin, record in records:
         if not isinstance(record, dict):
@@ -185,20 +201,20 @@ def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     return Rows(texts, labels, origins, str(path))
 
 
-def _read_parquet(path: Path, cfg: DataConfig) -> Rows:
+def _read_parquet(path: Path, cfg: DataConfig, names: SettingNames) -> Rows:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several types; the message says what
         raise DataError(f"{path}: not a readable Parquet file ({error})") from error
-    _require_columns(path, table.column_names, cfg)
+    _require_columns(path, table.column_names, cfg, names)
     texts, labels = table.column(cfg.text_column).to_pylist(), table.column(cfg.label_column).to_pylist()
     return Rows(texts, labels, [f"{path}#{i + 1}" for i in range(len(texts))], str(path))
 
 
-def _require_columns(path: Path, columns: list[str], cfg: DataConfig) -> None:
-    for key, column in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+def _require_columns(path: Path, columns: list[str], cfg: DataConfig, names: SettingNames) -> None:
+    for key, column in ((names.text_column, cfg.text_column), (names.label_column, cfg.label_column)):
         if column not in columns:
             raise DataError(f"{path}: no column {column!r} ({key}); columns are {columns}")
 
@@ -216,7 +232,7 @@ def read_file(path_text: str, cfg: DataConfig, bad: BadRows) -> Rows:
     elif suffix in JSON_SUFFIXES:
         rows = _read_json(path, cfg, bad)
     elif suffix == ".parquet":
-        rows = _read_parquet(path, cfg)
+        rows = _read_parquet(path, cfg, bad.names)
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet")
     if not rows.texts:

@@ -101,20 +101,25 @@ def evaluate_file(model_dir: Path, data_cfg, misclassified_path: Path) -> dict:
     """Metrics of an export on a labelled file (every row, in order), and its misclassified rows.
 
     The file is read with the same readers and bad-row policy as training data."""
-    from distsent.data import BadRows, label_key, read_file
+    from distsent.data import CLI_FLAGS, BadRows, label_key, read_file
     from distsent.predict import Predictor, write_jsonl
 
     predictor = Predictor(model_dir)
-    bad = BadRows(data_cfg.bad_rows)
+    bad = BadRows(data_cfg.bad_rows, CLI_FLAGS)
     rows = read_file(data_cfg.train_file, data_cfg, bad)
     index = {name: i for i, name in enumerate(predictor.label_names)}
-    labels = []
-    for label, origin in zip(rows.labels, rows.origins, strict=True):
+    texts, labels, origins = [], [], []
+    for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
         key = label_key(label, predictor.label_names)
         if key not in index:
-            raise DataError(f"{origin}: label {key!r} is not one the model knows ({predictor.label_names})")
+            bad.report(origin, f"unknown label: {key!r} is not one the model knows ({predictor.label_names})")
+            continue
+        texts.append(text)
         labels.append(index[key])
-    probs = predictor.predict_proba(rows.texts).numpy()
+        origins.append(origin)
+    if not labels:
+        raise DataError(f"{data_cfg.train_file}: no row has a label the model knows ({predictor.label_names})")
+    probs = predictor.predict_proba(texts).numpy()
     labels_array = np.asarray(labels)
     losses = -np.log(np.clip(probs[np.arange(len(labels)), labels_array], 1e-12, None))
     metrics = classification_metrics(labels_array, probs, predictor.label_names, loss=float(losses.mean()))
@@ -127,7 +132,7 @@ def evaluate_file(model_dir: Path, data_cfg, misclassified_path: Path) -> dict:
             "predicted": predictor.label_names[guess],
             "confidence": round(float(probs[i, guess]), 6),
         }
-        for i, (text, gold, guess, origin) in enumerate(zip(rows.texts, labels, predicted, rows.origins, strict=True))
+        for i, (text, gold, guess, origin) in enumerate(zip(texts, labels, predicted, origins, strict=True))
         if gold != guess
     ]
     write_jsonl(wrong, misclassified_path)

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,34 @@ def test_parse_override_types():
     assert parse_override("train.max_steps=20") == (["train", "max_steps"], 20)
     assert parse_override("model.freeze=[a, b]") == (["model", "freeze"], ["a", "b"])
     assert parse_override("output_dir=runs/x.y") == (["output_dir"], "runs/x.y")
+    # YAML's block syntax is never meant on a command line: `-` is a separator, not a list.
+    assert parse_override("data.multi_label_separator=-") == (["data", "multi_label_separator"], "-")
+    assert load_config(None, ["data.multi_label_separator=-"]).data.multi_label_separator == "-"
+
+
+@pytest.mark.parametrize(
+    "override, guess",
+    [("lr=1e-5", "train.lr"), ("model.nme=x", "model.name"), ("data.text_col=review", "data.text_column")],
+)
+def test_unknown_keys_suggest_the_likely_one(override: str, guess: str):
+    with pytest.raises(ConfigError, match=rf"did you mean {re.escape(guess)}\?"):
+        load_config(None, [override])
+
+
+def test_train_help_lists_and_describes_every_key():
+    help_text = run_cli("train", "--help").stdout
+    listed = re.findall(r"^  ([a-z0-9_.]+)=(.*)$", help_text, flags=re.MULTILINE)
+    expected = []
+    for name, value in Config().to_dict().items():
+        expected += [f"{name}.{key}" for key in value] if isinstance(value, dict) else [name]
+    assert [key for key, _ in listed] == expected
+    lines = help_text.splitlines()
+    for key, _ in listed:
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"  {key}="))
+        assert lines[at + 1].startswith(" " * 6) and lines[at + 1].strip(), f"{key} has no description"
+    assert "  train.lr=5e-05\n      Peak learning rate of AdamW." in help_text
+    assert "  model.head=cls  (cls|mean|cnn)" in help_text
+    assert "  checkpoint.signals=[SIGUSR1, SIGTERM]" in help_text
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

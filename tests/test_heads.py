@@ -86,12 +86,32 @@ def test_head_trains_exports_reloads_and_predicts(tmp_path, heldout_file, name):
         assert row["gold"] != row["predicted"] and 0.5 <= row["confidence"] <= 1.0 and row["text"]
     if name == "cls":
         AutoModelForSequenceClassification.from_pretrained(export)  # plain transformers loads the cls head
+        check_cli_errors_name_flags(export, heldout_file, tmp_path)
     # The model card shows the way this export loads.
     card = (export / "README.md").read_text()
     assert card.splitlines()[6] == f"# {out.name}/final"
     transformers_head = name in ("cls", "single_logit")
     assert ("pipeline(" in card) == transformers_head
     assert ("from distsent.predict import Predictor" in card) == (not transformers_head)
+
+
+def check_cli_errors_name_flags(export: Path, heldout_file: Path, tmp_path: Path) -> None:
+    """evaluate refuses a label the model does not know, naming the row and the flag that
+    skips it; with the flag the row is counted and left out. predict names --text-column."""
+    with_neutral = tmp_path / "with_neutral.csv"
+    with_neutral.write_text(heldout_file.read_text() + "a plain film,neutral\n")
+    last_line = len(with_neutral.read_text().splitlines())
+    columns = ("--text-column", "review", "--label-column", "sentiment")
+    evaluate = ("evaluate", "--model", str(export), "--data", str(with_neutral), *columns)
+    refused = run_cli(*evaluate, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert f"{with_neutral}:{last_line}: unknown label: 'neutral'" in refused.stderr
+    assert "pass --bad-rows skip to drop such rows" in refused.stderr
+    report = json.loads(run_cli(*evaluate, "--bad-rows", "skip").stdout)
+    assert report["skipped_rows"] == 1 and report["num_examples"] == 101
+    no_column = run_cli("predict", "--model", str(export), "--file", str(with_neutral), check=False)
+    assert no_column.returncode == 2
+    assert "no column 'text' (--text-column)" in no_column.stderr
 
 
 def test_freezing_by_name_pattern():
