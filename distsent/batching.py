@@ -52,6 +52,20 @@ class TrainBatchPlan:
                 f"x {grad_accum_steps} accumulation): lower train.batch_size or train.grad_accum_steps"
             )
 
+    def describe(self) -> str:
+        text = (
+            f"{self.global_batch_size} = {self.micro_batch_size} per process x {self.world_size} "
+            f"process{'es' if self.world_size > 1 else ''} "
+            f"x {self.grad_accum_steps} accumulation"
+        )
+        left_out = len(self.lengths) - self.steps_per_epoch * self.global_batch_size
+        if left_out:
+            text += (
+                f"; each epoch leaves out {left_out} of {len(self.lengths):,} examples"
+                " (the incomplete last global batch), a different random set each epoch"
+            )
+        return text
+
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """All global batches of an epoch, identical on every rank."""
         rng = np.random.default_rng([self.seed, epoch])

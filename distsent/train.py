@@ -275,10 +275,7 @@ def train(cfg: Config) -> dict:
                     f"{allocator} ({ALLOCATOR_ENV})"
                     + (", freed memory kept for reuse (train.cpu_keep_freed_memory)" if kept_freed_memory else "")
                 ),
-                "global batch": (
-                    f"{plan.global_batch_size} = {cfg.train.batch_size} per process x {world_size} processes "
-                    f"x {cfg.train.grad_accum_steps} accumulation"
-                ),
+                "global batch": plan.describe(),
                 "schedule": f"{total_steps} optimizer steps ({steps_per_epoch} per epoch), peak lr {cfg.train.lr}",
                 "resumed from": f"{resume_from} (step {state.global_step})" if resume_from else "-",
                 "output": str(output_dir),

@@ -23,6 +23,14 @@ def test_every_example_at_most_once_per_epoch_and_ranks_disjoint(grouping):
     seen = [i for plan in ranks for batch in plan.micro_batches(epoch=0) for i in batch]
     assert len(seen) == len(set(seen)) == ranks[0].steps_per_epoch * ranks[0].global_batch_size
     assert ranks[0].steps_per_epoch == 1000 // 64
+    # The banner says how many examples the dropped incomplete global batch leaves out.
+    assert ranks[0].describe() == (
+        "64 = 8 per process x 4 processes x 2 accumulation; each epoch leaves out 40 of 1,000 examples"
+        " (the incomplete last global batch), a different random set each epoch"
+    )
+    assert plans(world_size=1, accum=1, grouping=grouping, n=64)[0].describe() == (
+        "8 = 8 per process x 1 process x 1 accumulation"
+    )
 
 
 @pytest.mark.parametrize("grouping", [True, False])
