@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -21,13 +22,36 @@ RUN_CONFIG_NAME = "config.yaml"
 log = logging.getLogger(__name__)
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folder, to the disk.
+
+    A killed process loses nothing the kernel has cached, but a machine that dies (a
+    reclaimed spot node, a kernel panic) can lose it, and the disk may keep a later
+    rename or marker without the data before it: a folder that looks whole with empty
+    files, after the older checkpoints it replaced were pruned."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        _fsync(path)
+    _fsync(folder)
+
+
 def replace_directory(staging: Path, target: Path) -> None:
-    """Move a completed `staging` folder to `target`, keeping the old one until the new is in place."""
+    """Move a completed `staging` folder to `target`, keeping the old one until the new is in
+    place; the data reaches the disk before the rename that publishes it."""
+    sync_tree(staging)
     retired = None
     if target.exists():
         retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         target.rename(retired)
     staging.rename(target)
+    _fsync(target.parent)
     if retired is not None:
         shutil.rmtree(retired)
 
@@ -172,6 +196,9 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=True)
+    # Every node flushes what its ranks wrote before the main process marks the folder whole.
+    if accelerator.is_local_main_process:
+        sync_tree(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / STATE_FILE).write_text(json.dumps({"format": CHECKPOINT_FORMAT, **payload}, indent=2))

@@ -14,10 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from distsent import checkpoint
 from distsent.checkpoint import (
     COMPLETE_MARKER,
     CheckpointError,
     complete_checkpoints,
+    replace_directory,
     rollback_history,
     tidy_interrupted_exports,
     tidy_interrupted_writes,
@@ -335,6 +337,32 @@ def test_interrupted_exports_are_undone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
     assert (tmp_path / "best" / "model.safetensors").read_text() == "best"
     assert (tmp_path / "final" / "model.safetensors").read_text() == ".final.old-9c0d1e2f"
+
+
+def test_published_folders_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """Each file and folder is fsynced before the rename that makes it a checkpoint or export,
+    and the parent after it, so a machine crash cannot leave a whole-looking empty folder."""
+    staging, target = tmp_path / ".partial-step-00000003", tmp_path / "step-00000003"
+    (staging / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "sub/optimizer.bin", COMPLETE_MARKER):
+        (staging / name).write_text(name)
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+    synced = []
+    real_fsync = checkpoint._fsync
+
+    def recording_fsync(path: Path) -> None:
+        real_fsync(path)
+        synced.append((path, (target / "sub").exists()))  # (what, whether the new folder is published yet)
+
+    monkeypatch.setattr(checkpoint, "_fsync", recording_fsync)
+    expected = {staging / "model.safetensors", staging / "sub" / "optimizer.bin", staging / COMPLETE_MARKER}
+    replace_directory(staging, target)
+    before_publishing = {path for path, published in synced if not published}
+    assert expected | {staging / "sub", staging} <= before_publishing
+    assert synced[-1] == (tmp_path, True)  # then the renames themselves
+    assert (target / "sub" / "optimizer.bin").read_text() == "sub/optimizer.bin"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
 
 
 def test_a_torn_last_history_line_is_dropped_on_resume(tmp_path):
