@@ -268,13 +268,15 @@ def verify_no_arbitrary_pickles(path: Path) -> None:
     """Refuse a checkpoint whose torch files hold anything but tensors and plain containers.
 
     accelerate loads its own files with weights_only=True; DeepSpeed's engine loads its
-    files with full unpickling, so each is first opened here with the restricted loader."""
+    files with full unpickling, so each is first opened here with the restricted loader.
+    Memory-mapped: the check reads the pickled structure, not the tensors' bytes, so every
+    rank can check every rank's optimizer partitions without holding them in memory."""
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
     for file in sorted(path.rglob("*.pt")):
         try:
             with torch.serialization.safe_globals([*TORCH_SAFE_GLOBALS, *_deepspeed_safe_globals()]):
-                torch.load(file, map_location="cpu", weights_only=True)
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # UnpicklingError and friends; the message says what was refused
             raise CheckpointError(
                 f"{file}: refused, it holds objects beyond tensors and plain data ({error})"

@@ -62,7 +62,7 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
     pytest.fail(f"no step {step} within {timeout}s")
 
 
-def distsent_command(processes: int, *args: str) -> list[str]:
+def distsent_command(processes: int, *args: str, launch_file: str = "ddp.yaml") -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "distsent", *args]
     return [
@@ -70,7 +70,7 @@ def distsent_command(processes: int, *args: str) -> list[str]:
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(REPO / "launch/accelerate/ddp.yaml"),
+        str(REPO / "launch/accelerate" / launch_file),
         "--num_processes",
         str(processes),
         "-m",
@@ -105,6 +105,28 @@ def test_sigkill_after_step_17_then_resume_is_exact(straight, tmp_path, processe
     assert train_losses(run) == train_losses(straight[processes])
     # ... and the same final weights.
     assert max_weight_difference(run / "final", straight[processes] / "final") == 0.0
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_sigkill_then_resume_is_exact(tmp_path, stage):
+    """DeepSpeed's own checkpoint (each rank's optimizer partition, ZeRO-3's partitioned
+    weights) restores the run exactly: same losses, same final weights."""
+    args = ["train", *TINY, "train.max_steps=12", "checkpoint.every_steps=4", "train.log_every_steps=1"]
+    straight_run, run = tmp_path / "straight", tmp_path / "killed"
+    launch(f"{stage}.yaml", 2, *args, f"output_dir={straight_run}")
+    command = distsent_command(2, *args, f"output_dir={run}", launch_file=f"{stage}.yaml")
+    process = start(command)
+    wait_for_step(run, 9, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "final").exists(), "the run was meant to die before finishing"
+    assert [c.name for c in complete_checkpoints(run)][-1] == "step-00000008"
+    resumed = start([*command, "train.resume=auto"])
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output[-4000:]
+    assert "step-00000008 (step 8)" in output
+    assert train_losses(run) == train_losses(straight_run)
+    assert max_weight_difference(run / "final", straight_run / "final") == 0.0
 
 
 def test_sigterm_to_one_rank_checkpoints_all_and_resumes(straight, tmp_path):
