@@ -104,7 +104,7 @@ class TrainingStep:
         marks = [time.perf_counter()]
         with torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.model(**self.model_inputs(self.fresh_batch())).logits
-        loss = self.loss_of(logits.float(), self.batch["labels"], None)
+        loss = self.loss_of(logits.float(), self.batch["labels"])
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())

@@ -86,6 +86,10 @@ class TrainBatchPlan:
         # Shuffle batch order so lengths (and any label-length correlation) are not a trend.
         return [batches[i] for i in rng.permutation(len(batches))]
 
+    def global_batch_sums(self, epoch: int, values: np.ndarray) -> list[float]:
+        """For each optimizer step of `epoch`: the sum of `values` (one per example) over its global batch."""
+        return [float(values[batch].sum()) for batch in self.global_batches(epoch)]
+
     def micro_batches(self, epoch: int, start_step: int = 0) -> Iterator[list[int]]:
         """This rank's micro-batches for `epoch`, beginning at optimizer step `start_step`."""
         mb = self.micro_batch_size

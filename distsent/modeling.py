@@ -6,6 +6,7 @@ import inspect
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -269,23 +270,30 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def classification_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    class_weights: torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy, or BCE when the model has a single logit (positive = label 1).
 
     Computed in fp32: under autocast the logits may be bf16/fp16, and the loss is
     where low precision hurts most."""
     logits = logits.float()
     if logits.shape[-1] == 1:
-        pos_weight = None if class_weights is None else class_weights[1] / class_weights[0]
-        return F.binary_cross_entropy_with_logits(
-            logits.squeeze(-1), labels.float(), pos_weight=pos_weight, reduction=reduction
-        )
-    return F.cross_entropy(logits, labels, weight=class_weights, reduction=reduction)
+        return F.binary_cross_entropy_with_logits(logits.squeeze(-1), labels.float(), reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def weighted_loss_sum(logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """The batch's losses, each times its label's class weight, summed.
+
+    Divided by the whole global batch's total weight (train.py), this is one weighted mean
+    per optimizer step however the global batch is split into processes and accumulation
+    steps; a weighted mean per micro-batch would change with the split."""
+    return (classification_loss(logits, labels, reduction="none") * class_weights[labels]).sum()
+
+
+def weighted_mean_loss(losses: np.ndarray, labels: np.ndarray, class_weights: np.ndarray) -> float:
+    """Per-example losses averaged with their labels' class weights: the training loss's measure."""
+    weights = class_weights[labels]
+    return float((losses * weights).sum() / weights.sum())
 
 
 def label_names_of(config) -> list[str]:

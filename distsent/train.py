@@ -36,7 +36,14 @@ from distsent.distributed import build_accelerator, default_resume_mode, model_c
 from distsent.evaluate import evaluate
 from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, is_improvement, selectable_metrics
-from distsent.modeling import build_model, build_tokenizer, classification_loss, parameter_counts
+from distsent.modeling import (
+    build_model,
+    build_tokenizer,
+    classification_loss,
+    parameter_counts,
+    weighted_loss_sum,
+    weighted_mean_loss,
+)
 from distsent.optim import build_optimizer, loss_scale, scaler_skipped_step
 from distsent.packing import is_packed, model_inputs, position_limit, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
@@ -228,6 +235,11 @@ def train(cfg: Config) -> dict:
         class_weights = build_class_weights(
             cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device
         )
+        # With class weights each example's share of a step is its weight over its global batch's.
+        example_weights = (
+            None if class_weights is None else class_weights.cpu()[torch.as_tensor(splits.labels["train"])].numpy()
+        )
+        micro_batches_per_step = cfg.train.micro_batches_per_step(world_size)
 
         state = TrainState()
         fingerprint = run_fingerprint(cfg, world_size, train_digest)
@@ -323,7 +335,12 @@ def train(cfg: Config) -> dict:
             state.eval_pending = False
             if state.last_train_loss is not None:
                 # Above 1 and growing while validation loss rises: the model is overfitting.
-                metrics["val_train_loss_ratio"] = metrics["loss"] / state.last_train_loss
+                # Measured as the training loss is: class-weighted where weights are set.
+                val_loss = metrics["loss"]
+                if class_weights is not None:
+                    weights = class_weights.cpu().numpy()
+                    val_loss = weighted_mean_loss(last_predictions.losses, last_predictions.labels, weights)
+                metrics["val_train_loss_ratio"] = val_loss / state.last_train_loss
             state.last_metrics = metrics
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, metrics)
             value = metrics[cfg.train.best_metric]
@@ -349,6 +366,7 @@ def train(cfg: Config) -> dict:
         # A run resumed from the checkpoint of its early stop has nothing left to train.
         while state.global_step < total_steps and not state.stopped_early:
             epoch, step_in_epoch = divmod(state.global_step, steps_per_epoch)
+            weight_totals = None if example_weights is None else plan.global_batch_sums(epoch, example_weights)
             loader = DataLoader(
                 train_set,
                 batch_sampler=list(plan.micro_batches(epoch, start_step=step_in_epoch)),
@@ -365,7 +383,12 @@ def train(cfg: Config) -> dict:
                 }
                 with accelerator.accumulate(model):
                     logits = model(**model_inputs(batch)).logits
-                    loss = classification_loss(logits, batch["labels"], class_weights)
+                    if weight_totals is None:
+                        loss = classification_loss(logits, batch["labels"])
+                    else:
+                        # accelerate and DDP average the micro-batches' losses: undo that mean.
+                        share = micro_batches_per_step / weight_totals[state.global_step % steps_per_epoch]
+                        loss = weighted_loss_sum(logits, batch["labels"], class_weights) * share
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # Returns the norm before clipping; inf means "measure, don't clip".
