@@ -258,9 +258,10 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     differing = {key: (saved[key], value) for key, value in current.items() if saved[key] != value}
     if differing:
         details = ", ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differing.items())
-        raise CheckpointError(
-            f"{path}: written by a different run ({details}); use another output_dir or train.resume=none"
-        )
+        remedy = "use another output_dir or train.resume=none"
+        if "precision" in differing:  # `auto` decided otherwise on this machine
+            remedy = f"set train.mixed_precision={differing['precision'][0]} to continue it, or {remedy}"
+        raise CheckpointError(f"{path}: written by a different run ({details}); {remedy}")
     return payload
 
 

@@ -94,7 +94,9 @@ RESUMABLE_SETTINGS = (
     "train.unpad",
     "train.unpad_min_padding",
     "model.attn_implementation",
-    # The training set is compared by content (below): its files may move.
+    # Compared as resolved instead (below): `auto` must not pick another precision on resume.
+    "train.mixed_precision",
+    # The training and validation sets are compared by content (below): their files may move.
     "data.train_file",
     "data.validation_file",
     "data.test_file",
@@ -104,16 +106,24 @@ RESUMABLE_SETTINGS = (
 RESUMABLE_SECTIONS = ("checkpoint.", "log.")
 
 
-def run_fingerprint(cfg: Config, world_size: int, train_set_digest: str) -> dict:
+def run_fingerprint(cfg: Config, world_size: int, precision: str, train_digest: str, validation_digest: str) -> dict:
     """What must match for a checkpoint to continue this run: every setting but those a
-    resumed run may change, the process count, and a digest of the tokenised training set."""
+    resumed run may change, the process count, the precision in use, and digests of the
+    tokenised training and validation sets (the best metric and early stopping compare
+    validations across the resume)."""
     settings = flatten_settings(cfg.to_dict())
     fingerprint = {
         key: value
         for key, value in settings.items()
         if key not in RESUMABLE_SETTINGS and not key.startswith(RESUMABLE_SECTIONS)
     }
-    return {**fingerprint, "world_size": world_size, "train_set": train_set_digest}
+    return {
+        **fingerprint,
+        "world_size": world_size,
+        "precision": precision,
+        "train_set": train_digest,
+        "validation_set": validation_digest,
+    }
 
 
 def flatten_settings(nested: dict, prefix: str = "") -> dict:
@@ -189,7 +199,12 @@ def train(cfg: Config) -> dict:
             # Names the tokenised cache and, in the resume check, the training set.
             train_digest = tokenized_fingerprint(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
             train_set = tokenize(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data, train_digest)
-            eval_set = tokenize(splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data)
+            eval_digest = tokenized_fingerprint(
+                splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data
+            )
+            eval_set = tokenize(
+                splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data, eval_digest
+            )
         label_names = splits.label_names
         choices = selectable_metrics(splits.labels["validation"], label_names)
         if cfg.train.best_metric not in choices:
@@ -242,7 +257,7 @@ def train(cfg: Config) -> dict:
         micro_batches_per_step = cfg.train.micro_batches_per_step(world_size)
 
         state = TrainState()
-        fingerprint = run_fingerprint(cfg, world_size, train_digest)
+        fingerprint = run_fingerprint(cfg, world_size, accelerator.mixed_precision, train_digest, eval_digest)
         resume_from = resolve_resume(cfg.train.resume or default_resume_mode(), output_dir)
         if resume_from is not None:
             payload = read_checkpoint_payload(resume_from, fingerprint)

@@ -317,13 +317,21 @@ def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_pat
     assert refused.returncode == 2 and "train.lr: checkpoint 0.0001, this run 5e-05" in refused.stderr
 
 
-def test_a_changed_training_set_is_refused_on_resume(tmp_path):
+def test_changed_data_or_precision_is_refused_on_resume(tmp_path):
     run = tmp_path / "data"
     base = ["train", *TINY, "train.max_steps=4", "checkpoint.every_steps=2", f"output_dir={run}"]
     run_cli(*base)
     # One example fewer shifts every later batch: not a continuation of the same run.
     refused = run_cli(*base, "data.validation_fraction=0.11", "train.resume=auto", check=False)
     assert refused.returncode == 2 and "train_set" in refused.stderr and "data.validation_fraction" in refused.stderr
+    # Another validation set would be compared with the best metric of the first.
+    refused = run_cli(*base, "data.max_eval_samples=50", "train.resume=auto", check=False)
+    assert refused.returncode == 2 and "validation_set" in refused.stderr and "train_set" not in refused.stderr
+    # The precision is compared as resolved, so `auto` cannot switch it between machines.
+    refused = run_cli(*base, "train.mixed_precision=bf16", "train.resume=auto", check=False)
+    assert refused.returncode == 2
+    assert "precision: checkpoint 'no', this run 'bf16'" in refused.stderr
+    assert "set train.mixed_precision=no to continue it" in refused.stderr
 
 
 def test_interrupted_checkpoint_writes_are_finished_or_undone(tmp_path):
