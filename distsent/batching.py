@@ -69,20 +69,20 @@ class TrainBatchPlan:
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """All global batches of an epoch, identical on every rank."""
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))
         size = self.global_batch_size
         usable = self.steps_per_epoch * size
+        # The examples left out are chosen here, at random; cut after length grouping, they
+        # would always be the shortest texts of the last window.
+        order = rng.permutation(len(self.lengths))[:usable]
         if not self.length_grouping:
             return [order[i : i + size] for i in range(0, usable, size)]
         window = size * GROUPING_WINDOW_BATCHES
         batches = []
-        for start in range(0, len(order), window):
+        for start in range(0, usable, window):
             chunk = order[start : start + window]
             # Longest first inside each window; a stable sort keeps ties in random order.
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + size] for i in range(0, len(chunk) - size + 1, size))
-        # Dropping happens per window, so keep the count fixed at steps_per_epoch.
-        batches = batches[: self.steps_per_epoch]
+            batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
         # Shuffle batch order so lengths (and any label-length correlation) are not a trend.
         return [batches[i] for i in rng.permutation(len(batches))]
 

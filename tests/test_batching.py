@@ -65,6 +65,17 @@ def test_length_grouping_reduces_padding_and_balances_ranks():
     assert 0.8 < ratio < 1.25
 
 
+def test_left_out_examples_are_a_random_set_with_length_grouping():
+    plan = plans(world_size=4, accum=2, grouping=True)[0]  # 1000 examples, 40 left out per epoch
+    left_out = []
+    for epoch in range(50):
+        seen = {i for batch in plan.global_batches(epoch) for i in batch}
+        left_out += [i for i in range(len(plan.lengths)) if i not in seen]
+    assert len(left_out) == 50 * 40
+    # Not the shortest texts each time: their lengths look like everyone's.
+    assert np.mean(plan.lengths[left_out]) == pytest.approx(np.mean(plan.lengths), rel=0.1)
+
+
 def test_too_small_dataset_is_explained():
     with pytest.raises(ValueError, match="smaller than one global batch"):
         TrainBatchPlan([10] * 10, 8, 2, 0, 1, seed=0, length_grouping=True)
