@@ -27,7 +27,6 @@ def _train(args: argparse.Namespace) -> int:
     from distsent.config import load_config
 
     cfg = load_config(*_split_config(args.items))
-    from distsent.distributed import preemption_marker_path, read_launch_info
     from distsent.preemption import Preempted
     from distsent.train import train
 
@@ -35,9 +34,6 @@ def _train(args: argparse.Namespace) -> int:
         train(cfg)
     except Preempted as stop:
         logging.getLogger("distsent").warning("%s; exiting with %d so the job can be requeued", stop, stop.exit_code)
-        marker = preemption_marker_path()
-        if marker and read_launch_info().rank == 0:
-            Path(marker).write_text(json.dumps({"exit_code": stop.exit_code, "reason": str(stop)}) + "\n")
         return stop.exit_code
     return 0
 

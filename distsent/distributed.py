@@ -74,14 +74,6 @@ def launcher_environment() -> dict[str, str]:
     return {name: os.environ[name] for name in LAUNCHER_VARIABLES if name in os.environ}
 
 
-def preemption_marker_path() -> str | None:
-    """Where to record "this run was preempted" for a job script (DISTSENT_PREEMPTED_FILE).
-
-    Launchers such as `accelerate launch` report a failed worker with their own exit code
-    (1), so a script cannot rely on seeing EXIT_PREEMPTED; the marker file carries it."""
-    return os.environ.get("DISTSENT_PREEMPTED_FILE") or None
-
-
 def default_resume_mode() -> str:
     """`auto` inside a Slurm job (a requeued job must pick up where it stopped), else `none`."""
     return "auto" if os.environ.get("SLURM_JOB_ID") else "none"

@@ -8,8 +8,11 @@ with EXIT_PREEMPTED. Slurm scripts requeue the job on that code.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
+from pathlib import Path
 
 import torch
 
@@ -23,6 +26,18 @@ class Preempted(Exception):
     """Raised inside the loop once all ranks agreed to stop; carries the exit code."""
 
     exit_code = EXIT_PREEMPTED
+
+
+def record_preemption(reason: str) -> None:
+    """Write "this run was preempted" where a job script asked (DISTSENT_PREEMPTED_FILE).
+
+    Launchers such as `accelerate launch` report a failed worker with their own exit code
+    (1), so a script cannot rely on seeing EXIT_PREEMPTED; the marker file carries it.
+    Called by the main process as soon as the checkpoint is written, before the run tears
+    down: in a multi-node job srun may kill this process once another node's ranks exit."""
+    marker = os.environ.get("DISTSENT_PREEMPTED_FILE")
+    if marker:
+        Path(marker).write_text(json.dumps({"exit_code": EXIT_PREEMPTED, "reason": reason}) + "\n")
 
 
 class PreemptionWatcher:

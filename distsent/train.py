@@ -47,7 +47,7 @@ from distsent.modeling import (
 from distsent.optim import build_optimizer, loss_scale, scaler_skipped_step
 from distsent.packing import is_packed, model_inputs, position_limit, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
-from distsent.preemption import Preempted, PreemptionWatcher
+from distsent.preemption import Preempted, PreemptionWatcher, record_preemption
 from distsent.tracking import RunLogger, peak_memory_mib
 
 log = logging.getLogger("distsent")
@@ -247,6 +247,10 @@ def train(cfg: Config) -> dict:
         optimizer, scheduler = build_optimizer(cfg.train, model, total_steps, fused=fused)
         # The scheduler is not prepared: accelerate would step it once per process.
         model, optimizer = accelerator.prepare(model, optimizer)
+        # From here each rank draws its own dropout masks (seed + rank; a resume restores each
+        # rank's state): with one seed everywhere, micro-batches of equal shape on different
+        # ranks got identical masks. The weights above were built from the common seed.
+        set_seed(cfg.train.seed, device_specific=True)
         class_weights = build_class_weights(
             cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device
         )
@@ -328,6 +332,11 @@ def train(cfg: Config) -> dict:
                 accelerator, output_dir, state.global_step, payload, cfg.checkpoint.keep_last, {state.best_step}
             )
 
+        def checkpoint_for_preemption(reason: str) -> None:
+            checkpoint()
+            if accelerator.is_main_process:
+                record_preemption(reason)
+
         last_predictions = None
 
         def validate_and_export_best() -> None:
@@ -344,8 +353,8 @@ def train(cfg: Config) -> dict:
                     label_names,
                     should_stop=lambda: watcher.should_stop(accelerator),
                 )
-            except Preempted:
-                checkpoint()
+            except Preempted as stop:
+                checkpoint_for_preemption(str(stop))
                 raise
             state.eval_pending = False
             if state.last_train_loss is not None:
@@ -466,10 +475,12 @@ def train(cfg: Config) -> dict:
                     or (cfg.checkpoint.at_epoch_end and epoch_done)
                 ) and state.global_step < total_steps
                 preempted = watcher.should_stop(accelerator)
-                if should_checkpoint or preempted:
-                    checkpoint()
                 if preempted:
-                    raise Preempted(f"stopped at step {state.global_step} on {watcher.received}; checkpoint written")
+                    reason = f"stopped at step {state.global_step} on {watcher.received}; checkpoint written"
+                    checkpoint_for_preemption(reason)
+                    raise Preempted(reason)
+                if should_checkpoint:
+                    checkpoint()
                 if state.global_step >= total_steps or epoch_done or state.stopped_early:
                     break
                 # The next step's clock starts here: evaluation and checkpointing are not training time.
