@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,6 +15,10 @@ from distsent.config import ConfigError, settings_reference
 from distsent.worker_exit import exit_without_teardown, report_fatal_signals
 
 EXIT_USAGE = 2
+FILE_HEADER_HELP = (
+    "whether a CSV/TSV file starts with a header row (default: as the model's training data; "
+    "headerless files take its data.column_names)"
+)
 
 
 def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
@@ -46,7 +51,11 @@ def _predict(args: argparse.Namespace) -> int:
             "predict: give texts, or --file with one text per line (or a CSV/TSV/JSONL and --text-column)"
         )
     predictor = Predictor(args.model)
-    texts = list(args.texts) + (_read_texts(Path(args.file), args.text_column) if args.file else [])
+    texts = list(args.texts)
+    if args.file:
+        # Unlabelled files are fine here: the label column is only required by evaluate.
+        settings = _file_settings(predictor.data, Path(args.file), args.text_column, args.text_column, args.header)
+        texts += _read_texts(Path(args.file), dataclasses.replace(settings, label_column=settings.text_column))
     rows = predictor.predict(texts, batch_size=args.batch_size)
     if args.output:
         write_jsonl(rows, Path(args.output))
@@ -57,36 +66,55 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_texts(path: Path, text_column: str) -> list[str]:
+def _file_settings(export_data, path: Path, text_column: str | None, label_column: str | None, header: bool | None):
+    """How to read a user's file: as the export's training data was read (its columns, header
+    or headerless column names) where the flags do not say otherwise."""
+    return dataclasses.replace(
+        export_data,
+        dataset="files",
+        train_file=str(path),
+        validation_file=None,
+        test_file=None,
+        text_column=text_column or export_data.text_column,
+        label_column=label_column or export_data.label_column,
+        has_header=export_data.has_header if header is None else header,
+    )
+
+
+def _read_texts(path: Path, cfg) -> list[str]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet file."""
+    from distsent.data import CLI_FLAGS, BadRows, DataError, read_file
+
     if path.suffix.lower() == ".txt":
         if not path.is_file():
-            from distsent.data import DataError
-
             raise DataError(f"{path}: file not found")
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    from distsent.config import DataConfig
-    from distsent.data import CLI_FLAGS, BadRows, read_file
-
-    # Unlabelled files are fine here: the label column is only required by evaluate.
-    cfg = DataConfig(text_column=text_column, label_column=text_column)
-    return read_file(str(path), cfg, BadRows("error", CLI_FLAGS)).texts
+        raw = path.read_bytes()
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 text") from error
+        texts = [line for line in lines if line.strip()]
+        if not texts:
+            raise DataError(f"{path}: no texts (one per line)")
+        return texts
+    rows = read_file(str(path), cfg, BadRows("error", CLI_FLAGS))
+    for text, origin in zip(rows.texts, rows.origins, strict=True):
+        if not isinstance(text, str):
+            raise DataError(f"{origin}: {text!r} in the text column (--text-column {cfg.text_column}) is not text")
+    return rows.texts
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from distsent.config import DataConfig
     from distsent.evaluate import evaluate_file
+    from distsent.predict import Predictor
 
     data = Path(args.data)
-    cfg = DataConfig(
-        dataset="files",
-        train_file=str(data),
-        text_column=args.text_column,
-        label_column=args.label_column,
-        bad_rows=args.bad_rows,
-    )
+    predictor = Predictor(args.model)
+    settings = _file_settings(predictor.data, data, args.text_column, args.label_column, args.header)
+    cfg = dataclasses.replace(settings, bad_rows=args.bad_rows)
     misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
-    report = evaluate_file(Path(args.model), cfg, misclassified)
+    report = evaluate_file(predictor, cfg, misclassified)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -106,9 +134,39 @@ def _report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise ConfigError(f"{run_dir}: not a run folder (no {METRICS_FILE}); give a train run's output_dir")
-    for path in write_plots(run_dir, args.metric):
+    metric = args.metric or _run_best_metric(run_dir)
+    logged = {
+        key
+        for line in (run_dir / METRICS_FILE).read_text().splitlines()
+        if '"eval"' in line
+        for key, value in json.loads(line).items()
+        if isinstance(value, float)
+    }
+    if logged and metric not in logged:
+        raise ConfigError(f"--metric {metric}: the run's validations logged {', '.join(sorted(logged))}")
+    for path in write_plots(run_dir, metric):
         print(path)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _run_best_metric(run_dir: Path) -> str:
+    """The metric the run picked its best model by, as training plotted it."""
+    from distsent.checkpoint import RUN_CONFIG_NAME
+    from distsent.config import Config, config_from_dict, read_yaml
+
+    saved = run_dir / RUN_CONFIG_NAME
+    return (
+        config_from_dict(read_yaml(saved.read_text())).train.best_metric
+        if saved.is_file()
+        else Config().train.best_metric
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,16 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="exported model folder (e.g. runs/x/best)")
     predict.add_argument("texts", nargs="*", help="texts to classify")
     predict.add_argument("--file", help="texts to classify: .txt (one per line), CSV, TSV, JSON, JSONL or Parquet")
-    predict.add_argument("--text-column", default="text", help="text column of --file (default: text)")
+    predict.add_argument("--text-column", help="text column of --file (default: the one the model was trained on)")
+    predict.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
     predict.add_argument("--output", help="write JSON lines here instead of printing them")
-    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
     predict.set_defaults(handler=_predict)
 
     evaluate = commands.add_parser("evaluate", help="metrics of an exported model on a labelled file")
     evaluate.add_argument("--model", required=True, help="exported model folder")
     evaluate.add_argument("--data", required=True, help="labelled CSV, TSV, JSON, JSONL or Parquet file")
-    evaluate.add_argument("--text-column", default="text")
-    evaluate.add_argument("--label-column", default="label")
+    evaluate.add_argument("--text-column", help="default: the one the model was trained on")
+    evaluate.add_argument("--label-column", help="default: the one the model was trained on")
+    evaluate.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
     evaluate.add_argument(
         "--bad-rows",
         choices=["error", "skip"],
@@ -158,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="rebuild a run folder's PNG plots from its metrics.jsonl")
     report.add_argument("run_dir", help="run folder (output_dir of a training run)")
-    report.add_argument("--metric", default="accuracy", help="validation metric for the learning-curve panel")
+    report.add_argument(
+        "--metric", help="validation metric for the learning-curve panel (default: the run's train.best_metric)"
+    )
     report.set_defaults(handler=_report)
     return parser
 

@@ -18,6 +18,7 @@ from distsent.modeling import label_names_of
 EXPORT_CONFIG_NAME = "distsent_config.yaml"
 EXPORT_METRICS_NAME = "metrics.json"
 RUN_CONFIG_NAME = "config.yaml"
+SUMMARY_FILE = "summary.json"
 
 log = logging.getLogger(__name__)
 
@@ -324,12 +325,15 @@ def rollback_history(output_dir: Path, step: int) -> int:
 
 
 def archive_previous_run(output_dir: Path) -> list[Path]:
-    """Move an earlier run's config, metrics.jsonl and checkpoints aside, so a fresh run starts
-    its own history, and neither its pruning nor a later `train.resume=auto` touches the old run's."""
+    """Move an earlier run's config, metrics.jsonl, checkpoints, summary, predictions and plots
+    aside, so a fresh run starts its own history, neither its pruning nor a later
+    `train.resume=auto` touches the old run's, and no old plot sits beside the new ones."""
+    from distsent.plots import PLOTS_DIR, PREDICTIONS_FILE
     from distsent.tracking import METRICS_FILE
 
     moved = []
-    for path in (Path(output_dir) / RUN_CONFIG_NAME, Path(output_dir) / METRICS_FILE, checkpoint_root(output_dir)):
+    names = (RUN_CONFIG_NAME, METRICS_FILE, SUMMARY_FILE, PREDICTIONS_FILE, PLOTS_DIR, CHECKPOINTS_DIR)
+    for path in (Path(output_dir) / name for name in names):
         if path.exists():
             stamp = int(path.stat().st_mtime)
             archived = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")

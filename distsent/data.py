@@ -118,7 +118,10 @@ def _read_embedded(name: str) -> Rows:
 def _read_hub(cfg: DataConfig, split: str) -> Rows:
     """One split of a Hugging Face Hub dataset (`hub:imdb`, `hub:nyu-mll/glue` + data.hub_subset=sst2)."""
     repo_id = cfg.dataset.removeprefix("hub:")
-    dataset = datasets.load_dataset(repo_id, cfg.hub_subset, split=split)
+    try:
+        dataset = datasets.load_dataset(repo_id, cfg.hub_subset, split=split)
+    except (ConnectionError, FileNotFoundError) as error:  # the Hub unreachable, or no such set
+        raise DataError(f"data.dataset={cfg.dataset}: cannot load it ({error})") from error
     for column in (cfg.text_column, cfg.label_column):
         if column not in dataset.column_names:
             raise DataError(f"{repo_id} split {split!r} has no column {column!r} (columns: {dataset.column_names})")
@@ -314,11 +317,14 @@ def _label_names(labels: list, configured: list[str] | None) -> list[str]:
     return sorted(unique)
 
 
-def _to_ids(rows: Rows, label_names: list[str], bad: BadRows) -> tuple[list[str], list[int]]:
+def _to_ids(
+    rows: Rows, label_names: list[str], bad: BadRows, configured: list[str] | None
+) -> tuple[list[str], list[int]]:
     index = {name: i for i, name in enumerate(label_names)}
     texts, ids = [], []
     for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
-        key = label_key(label, label_names)
+        # Integer labels index data.labels as configured, whatever drop_labels took out.
+        key = label_key(label, configured or label_names)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one of the training labels {label_names}")
             continue
@@ -383,9 +389,13 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     if not raw["train"].texts:
         raise DataError(f"{raw['train'].where}: no training rows left after filtering")
     label_names = _label_names(raw["train"].labels, cfg.labels)
+    if cfg.labels:
+        # A dropped label is no class of the model (listed by name or by its integer).
+        dropped_names = {label_key(entry, cfg.labels) for entry in dropped_labels}
+        label_names = [name for name in label_names if name not in dropped_names]
     texts, labels = {}, {}
     for split, rows in raw.items():
-        texts[split], labels[split] = _to_ids(rows, label_names, bad)
+        texts[split], labels[split] = _to_ids(rows, label_names, bad, cfg.labels)
     splits = LabeledSplits(texts, labels, label_names, notes)
 
     train_size = len(splits.texts["train"])

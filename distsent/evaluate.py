@@ -97,20 +97,20 @@ def evaluate(
     return metrics, predictions
 
 
-def evaluate_file(model_dir: Path, data_cfg, misclassified_path: Path) -> dict:
-    """Metrics of an export on a labelled file (every row, in order), and its misclassified rows.
-
-    The file is read with the same readers and bad-row policy as training data."""
+def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
+    """Metrics of an export (a `Predictor`) on a labelled file (every row, in order), and its
+    misclassified rows. The file is read with the same readers and bad-row policy as training data."""
     from distsent.data import CLI_FLAGS, BadRows, label_key, read_file
-    from distsent.predict import Predictor, write_jsonl
+    from distsent.predict import write_jsonl
 
-    predictor = Predictor(model_dir)
     bad = BadRows(data_cfg.bad_rows, CLI_FLAGS)
     rows = read_file(data_cfg.train_file, data_cfg, bad)
     index = {name: i for i, name in enumerate(predictor.label_names)}
     texts, labels, origins = [], [], []
     for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
-        key = label_key(label, predictor.label_names)
+        # As training read them: stripped, and integers indexing the configured data.labels.
+        label = label.strip() if isinstance(label, str) else label
+        key = label_key(label, predictor.data.labels or predictor.label_names)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one the model knows ({predictor.label_names})")
             continue

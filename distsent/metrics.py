@@ -35,21 +35,26 @@ def classification_metrics(
     if loss is not None:
         metrics["loss"] = float(loss)
     metrics["accuracy"] = float(accuracy_score(labels, preds))
-    metrics["f1_macro"] = float(f1_score(labels, preds, labels=ids, average="macro", zero_division=0))
-    metrics["f1_weighted"] = float(f1_score(labels, preds, labels=ids, average="weighted", zero_division=0))
+    # Averaged over the classes that occur (as gold or predicted labels): a class absent from
+    # this data, e.g. a rare one in a slice, would count as F1 = 0 for a perfect classifier.
+    present = sorted(set(labels.tolist()) | set(preds.tolist()))
+    metrics["f1_macro"] = float(f1_score(labels, preds, labels=present, average="macro", zero_division=0))
+    metrics["f1_weighted"] = float(f1_score(labels, preds, labels=present, average="weighted", zero_division=0))
     if len(label_names) == 2:
         metrics["f1"] = float(f1_score(labels, preds, pos_label=1, zero_division=0))
         if len(np.unique(labels)) == 2:
             metrics["roc_auc"] = float(roc_auc_score(labels, probs[:, 1]))
     precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
     matrix = confusion_matrix(labels, preds, labels=ids)
+    # None where a score is undefined: recall and accuracy of a class with no examples here,
+    # precision and F1 too where it is not predicted either.
     metrics["per_class"] = {
         name: {
-            "precision": float(precision[i]),
-            "recall": float(recall[i]),
-            "f1": float(f1[i]),
+            "precision": float(precision[i]) if i in present else None,
+            "recall": float(recall[i]) if support[i] else None,
+            "f1": float(f1[i]) if i in present else None,
             # Per-class accuracy is the share of this class's examples predicted correctly.
-            "accuracy": float(matrix[i, i] / support[i]) if support[i] else 0.0,
+            "accuracy": float(matrix[i, i] / support[i]) if support[i] else None,
             "support": int(support[i]),
         }
         for i, name in enumerate(label_names)

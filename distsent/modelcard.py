@@ -9,12 +9,16 @@ from distsent.config import Config
 HEADLINE_METRICS = ("accuracy", "f1", "f1_macro", "f1_weighted", "roc_auc", "loss", "num_examples")
 
 
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"  # None: no examples of the class here
+
+
 def write_model_card(folder: Path, title: str, cfg: Config, label_names: list[str], metrics: dict) -> None:
     """README.md in `folder` (a staging folder, so the `title` names where it will live)."""
     rows = "\n".join(f"| {key} | {_fmt(metrics[key])} |" for key in HEADLINE_METRICS if key in metrics)
     per_class = metrics.get("per_class", {})
     class_rows = "\n".join(
-        f"| {name} | {s['precision']:.4f} | {s['recall']:.4f} | {s['f1']:.4f} | {s['support']} |"
+        f"| {name} | {_score(s['precision'])} | {_score(s['recall'])} | {_score(s['f1'])} | {s['support']} |"
         for name, s in per_class.items()
     )
     text = f"""---

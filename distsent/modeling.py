@@ -52,7 +52,12 @@ def resolve_model_source(name: str) -> str:
 
 
 def build_tokenizer(cfg: ModelConfig):
-    return AutoTokenizer.from_pretrained(resolve_model_source(cfg.name), revision=cfg.revision)
+    """The model's tokenizer; loaded first, so an unknown or unreachable model stops here."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_source(cfg.name), revision=cfg.revision)
+    except OSError as error:  # no such local folder, and the Hub unreachable or without it
+        reason = " ".join(str(error).split("\n")[:1])
+        raise ConfigError(f"model.name={cfg.name}: cannot load it ({reason})") from error
 
 
 def tiny_bert_config(vocab_size: int) -> BertConfig:

@@ -36,7 +36,8 @@ def learning_curves(events: list[dict], target: Path, metric: str) -> Path:
     evals = [e for e in events if e["event"] == "eval" and e.get("split", "validation") == "validation"]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        loss_axis.plot(*zip(*train, strict=True), label="train loss")
+        # With markers: a run logged once would otherwise draw its single point invisibly.
+        loss_axis.plot(*zip(*train, strict=True), ".-", label="train loss")
     if evals:
         loss_axis.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="validation loss")
         metric_axis.plot([e["step"] for e in evals], [e.get(metric) for e in evals], "o-", color="tab:green")
@@ -49,13 +50,15 @@ def learning_curves(events: list[dict], target: Path, metric: str) -> Path:
     return target
 
 
-def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], target: Path) -> Path:
+def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], target: Path, step: int) -> Path:
     counts = np.asarray(matrix)
     size = max(4, 0.8 * len(label_names) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(counts, cmap="Blues")
     ticks = range(len(label_names))
-    axis.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="Validation confusion matrix")
+    axis.set(
+        xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=f"Validation confusion matrix, step {step}"
+    )
     axis.set_xticklabels(label_names, rotation=45, ha="right")
     axis.set_yticklabels(label_names)
     for row in ticks:
@@ -67,7 +70,7 @@ def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], targe
     return target
 
 
-def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str], target: Path) -> Path:
+def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str], target: Path, step: int) -> Path:
     positive_scores = np.asarray(probs)[:, 1]
     fpr, tpr, _ = roc_curve(labels, positive_scores)
     area = float(np.trapezoid(tpr, fpr))
@@ -75,7 +78,9 @@ def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str]
     axis.plot(fpr, tpr, label=f"AUC {area:.3f}")
     axis.plot([0, 1], [0, 1], "--", color="grey")
     axis.set(
-        xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({label_names[1]} vs {label_names[0]})"
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"ROC ({label_names[1]} vs {label_names[0]}), step {step}",
     )
     axis.legend(loc="lower right")
     figure.tight_layout()
@@ -94,14 +99,19 @@ def write_plots(output_dir: Path, metric: str = "accuracy") -> list[Path]:
     predictions_path = output_dir / PREDICTIONS_FILE
     predictions = json.loads(predictions_path.read_text()) if predictions_path.is_file() else None
     evals = [e for e in events if e["event"] == "eval" and e.get("split") == "validation" and "confusion_matrix" in e]
+    # Both describe the last validation (the final model's), which may not be the best step's:
+    # the titles say which step.
     if evals and predictions:
+        step = evals[-1]["step"]
         written.append(
             confusion_matrix_plot(
-                evals[-1]["confusion_matrix"], predictions["label_names"], folder / "confusion_matrix.png"
+                evals[-1]["confusion_matrix"], predictions["label_names"], folder / "confusion_matrix.png", step
             )
         )
-    if predictions and len(predictions["label_names"]) == 2 and len(set(predictions["labels"])) == 2:
-        written.append(
-            roc_plot(predictions["labels"], predictions["probs"], predictions["label_names"], folder / "roc.png")
-        )
+        if len(predictions["label_names"]) == 2 and len(set(predictions["labels"])) == 2:
+            written.append(
+                roc_plot(
+                    predictions["labels"], predictions["probs"], predictions["label_names"], folder / "roc.png", step
+                )
+            )
     return written

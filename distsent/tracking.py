@@ -104,7 +104,8 @@ class RunLogger:
         if self.wandb_run is not None:
             scalars = {f"{split}/{k}": v for k, v in flat.items() if isinstance(v, (int, float))}
             for name, scores in metrics.get("per_class", {}).items():
-                scalars[f"{split}/f1_{name}"] = scores["f1"]
+                if scores["f1"] is not None:
+                    scalars[f"{split}/f1_{name}"] = scores["f1"]
             self.wandb_run.log(scalars, step=step)
 
     def log_images(self, paths: list[Path]) -> None:

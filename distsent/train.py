@@ -19,6 +19,7 @@ from distsent.batching import PackingCollator, TrainBatchPlan
 from distsent.build_locks import describe_stale_lock, stale_build_locks
 from distsent.checkpoint import (
     RUN_CONFIG_NAME,
+    SUMMARY_FILE,
     archive_previous_run,
     export_model,
     load_checkpoint,
@@ -526,7 +527,7 @@ def train(cfg: Config) -> dict:
             )
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, summary["test"], split="test")
         if accelerator.is_main_process:
-            (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             if last_predictions is not None:
                 save_predictions(output_dir, last_predictions.labels, last_predictions.probs, label_names)
             if cfg.log.plots:

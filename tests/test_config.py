@@ -123,10 +123,14 @@ def test_selectable_metrics_follow_the_task():
         (["train", *TINY, "model.freeze=[nomatch.]", "output_dir={tmp}/run"], "model.freeze"),
         # tiny-bert has 512 positions; without the check, training failed at the first long text.
         (["train", *TINY, "data.max_length=1024", "output_dir={tmp}/run"], "positions for 512 tokens"),
+        # Offline (as CI and this machine are), a Hub model or dataset cannot load.
+        (["train", "model.name=no-such-org/no-such-model", "output_dir={tmp}/run"], "model.name=no-such-org"),
+        (["train", *TINY, "data.dataset=hub:no-such-set", "output_dir={tmp}/run"], "data.dataset=hub:no-such-set"),
     ],
-    ids=["predict", "report", "freeze", "max_length"],
+    ids=["predict", "report", "freeze", "max_length", "hub_model", "hub_dataset"],
 )
 def test_user_mistakes_get_one_line_and_exit_2(tmp_path: Path, command: list[str], fragment: str):
-    result = run_cli(*(item.replace("{tmp}", str(tmp_path)) for item in command), check=False)
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # fail at once, not after retries
+    result = run_cli(*(item.replace("{tmp}", str(tmp_path)) for item in command), check=False, env=offline)
     assert result.returncode == 2, result.stderr[-2000:]
     assert fragment in result.stderr and "Traceback" not in result.stderr

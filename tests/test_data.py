@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -252,5 +253,28 @@ def test_labels_are_stripped_and_dropped_by_name(tmp_path):
     splits = load_labeled_splits(load_config(None, [*named, "data.drop_labels=[neutral]"]).data)
     assert sum(len(texts) for texts in splits.texts.values()) == 40
     assert "dropped 20 listed label row(s)" in " ".join(splits.notes)
+    # The dropped label is no class of the model; 2 still means positive.
+    assert splits.label_names == ["negative", "positive"]
+    texts = {
+        text: label
+        for split in splits.texts
+        for text, label in zip(splits.texts[split], splits.labels[split], strict=True)
+    }
+    assert texts["text 2"] == texts["text 5"] == 1 and texts["text 3"] == 0
+    by_integer = load_labeled_splits(load_config(None, [*named, "data.drop_labels=[1]"]).data)
+    assert by_integer.label_names == ["negative", "positive"]
     with pytest.raises(ConfigError, match=r"data.drop_labels: \['nuetral'\] match no row's label"):
         load_labeled_splits(load_config(None, [*named, "data.drop_labels=[nuetral]"]).data)
+
+
+def test_evaluate_reads_a_file_as_the_model_was_trained_on(tmp_path):
+    """A headerless SMILE-format file evaluates with no column flags: the export says how."""
+    run = tmp_path / "smile"
+    run_cli("train", *TINY, *SMILE_ARGS, "data.bad_rows=skip", "train.max_steps=3", f"output_dir={run}")
+    report = json.loads(
+        run_cli("evaluate", "--model", str(run / "final"), "--data", str(SMILE), "--bad-rows", "skip").stdout
+    )
+    # Every row is scored or counted as skipped: malformed, multi-label or `nocode` (not a class).
+    lines = sum(1 for _ in csv.reader(SMILE.open(newline="", encoding="utf-8-sig")))
+    assert report["num_examples"] > 1000 and report["num_examples"] + report["skipped_rows"] == lines
+    assert set(report["per_class"]) == {"angry", "disgust", "happy", "not-relevant", "sad", "surprise"}

@@ -112,6 +112,23 @@ def check_cli_errors_name_flags(export: Path, heldout_file: Path, tmp_path: Path
     no_column = run_cli("predict", "--model", str(export), "--file", str(with_neutral), check=False)
     assert no_column.returncode == 2
     assert "no column 'text' (--text-column)" in no_column.stderr
+    # Unusable predict inputs: one line naming the file and line, exit 2, no traceback.
+    (tmp_path / "latin1.txt").write_bytes(b"fine\nna\xefve\n")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    (tmp_path / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    for file, fragment in (
+        ("latin1.txt", "latin1.txt:2: not UTF-8 text"),
+        ("blank.txt", "blank.txt: no texts"),
+        ("null.jsonl", "null.jsonl:2: None in the text column"),
+    ):
+        refused = run_cli("predict", "--model", str(export), "--file", str(tmp_path / file), check=False)
+        assert refused.returncode == 2 and fragment in refused.stderr and "Traceback" not in refused.stderr
+    refused = run_cli("predict", "--model", str(export), "--batch-size", "0", "a film", check=False)
+    assert refused.returncode == 2 and "must be at least 1" in refused.stderr
+    # report plots the run's own best metric by default and refuses one the run never logged.
+    refused = run_cli("report", str(export.parent), "--metric", "bogus", check=False)
+    assert refused.returncode == 2 and "--metric bogus" in refused.stderr and "f1_macro" in refused.stderr
+    assert run_cli("report", str(export.parent)).stdout.strip().endswith(".png")
 
 
 def test_freezing_by_name_pattern():

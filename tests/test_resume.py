@@ -311,6 +311,9 @@ def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_pat
     (moved,) = run.glob("checkpoints.before-*")
     assert [p.name for p in moved.iterdir()] == ["step-00000003"]
     assert len(list(run.glob("metrics.before-*.jsonl"))) == 1
+    # Its plots, summary and predictions went with it: the ones in place are the later run's.
+    for name in ("plots.before-*", "summary.before-*.json", "validation_predictions.before-*.json"):
+        assert len(list(run.glob(name))) == 1, name
     assert "step-00000004" in run_cli(*later, "train.resume=auto").stdout
     # The earlier run's settings do not continue the later run: its lr differs.
     refused = run_cli(*earlier, "train.resume=auto", check=False)
