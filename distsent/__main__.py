@@ -140,7 +140,7 @@ def _report(args: argparse.Namespace) -> int:
         for line in (run_dir / METRICS_FILE).read_text().splitlines()
         if '"eval"' in line
         for key, value in json.loads(line).items()
-        if isinstance(value, float)
+        if isinstance(value, float) and key not in ("epoch", "time")  # when, not how well
     }
     if logged and metric not in logged:
         raise ConfigError(f"--metric {metric}: the run's validations logged {', '.join(sorted(logged))}")
