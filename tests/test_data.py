@@ -272,7 +272,17 @@ def test_evaluate_reads_a_file_as_the_model_was_trained_on(tmp_path):
     run = tmp_path / "smile"
     run_cli("train", *TINY, *SMILE_ARGS, "data.bad_rows=skip", "train.max_steps=3", f"output_dir={run}")
     report = json.loads(
-        run_cli("evaluate", "--model", str(run / "final"), "--data", str(SMILE), "--bad-rows", "skip").stdout
+        run_cli(
+            "evaluate",
+            "--model",
+            str(run / "final"),
+            "--data",
+            str(SMILE),
+            "--bad-rows",
+            "skip",
+            "--misclassified",
+            str(tmp_path / "wrong.jsonl"),
+        ).stdout
     )
     # Every row is scored or counted as skipped: malformed, multi-label or `nocode` (not a class).
     lines = sum(1 for _ in csv.reader(SMILE.open(newline="", encoding="utf-8-sig")))
