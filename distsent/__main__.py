@@ -54,7 +54,7 @@ def _predict(args: argparse.Namespace) -> int:
     texts = list(args.texts)
     if args.file:
         # Unlabelled files are fine here: the label column is only required by evaluate.
-        settings = _file_settings(predictor.data, Path(args.file), args.text_column, args.text_column, args.header)
+        settings = _file_settings(predictor.data, Path(args.file), args.text_column, None, args.header)
         texts += _read_texts(Path(args.file), dataclasses.replace(settings, label_column=settings.text_column))
     rows = predictor.predict(texts, batch_size=args.batch_size)
     if args.output:
