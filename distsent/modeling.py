@@ -104,7 +104,7 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
     else:
         source = resolve_model_source(cfg.name)
         config = AutoConfig.from_pretrained(source, revision=cfg.revision)
-        _log_reheading(config, num_outputs, cfg.head)
+        keeps_head = _keeps_head(config, num_outputs, cfg.head)
         config.update(label_maps)
     _apply_dropout(config, cfg.dropout)
     config._attn_implementation = cfg.attn_implementation
@@ -124,6 +124,14 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
         encoder = bare_encoder(config, source, cfg.revision)
         dropout = cfg.dropout if cfg.dropout is not None else getattr(config, "hidden_dropout_prob", 0.1)
         model = PooledClassifier(encoder, cfg.head, num_outputs, dropout)
+        if source is not None and keeps_head:
+            # Training on from a distsent export: its fine-tuned head too, not a fresh one.
+            if (Path(source) / HEAD_WEIGHTS).is_file():
+                load_head_weights(model, Path(source))
+            else:
+                log.warning(
+                    "%s has no %s here (not a local export): the %s head starts fresh", source, HEAD_WEIGHTS, cfg.head
+                )
     freeze_parameters(model, cfg.freeze)
     return model
 
@@ -139,21 +147,33 @@ def bare_encoder(config, source: str | None = None, revision: str | None = None)
     return AutoModel.from_pretrained(source, config=config, revision=revision, **extra)
 
 
-def _log_reheading(source_config, num_outputs: int, head: str) -> None:
-    """Say plainly when a fine-tuned classifier's head is replaced."""
+def _source_head(source_config) -> str | None:
+    """The head a checkpoint was fine-tuned with: a distsent export's own, `cls` for
+    transformers' classifiers, None for a bare encoder."""
     architectures = getattr(source_config, "architectures", None) or []
-    if not any("ForSequenceClassification" in a for a in architectures):
-        return
-    old = [source_config.id2label[i] for i in sorted(source_config.id2label)]
-    if head != "cls" or len(old) != num_outputs:
-        log.warning(
-            "re-heading: the checkpoint is a %d-label classifier %s; its head is discarded and a new %s head "
-            "with %d output(s) is initialised (classifier weights re-initialised, encoder kept)",
-            len(old),
-            old,
-            head,
-            num_outputs,
-        )
+    is_classifier = any("ForSequenceClassification" in a for a in architectures)
+    return getattr(source_config, "distsent_head", None) or ("cls" if is_classifier else None)
+
+
+def _keeps_head(source_config, num_outputs: int, head: str) -> bool:
+    """Whether a fine-tuned checkpoint's head carries over (same head, same outputs); says
+    plainly when it is replaced instead."""
+    old_head = _source_head(source_config)
+    if old_head is None:
+        return False
+    if old_head == head and source_config.num_labels == num_outputs:
+        return True
+    old = label_names_of(source_config)
+    log.warning(
+        "re-heading: the checkpoint is a %d-label classifier %s with a %s head; its head is discarded and a new "
+        "%s head with %d output(s) is initialised (classifier weights re-initialised, encoder kept)",
+        len(old),
+        old,
+        old_head,
+        head,
+        num_outputs,
+    )
+    return False
 
 
 class PooledClassifier(torch.nn.Module):
@@ -246,13 +266,19 @@ def load_classifier(directory: str | Path) -> torch.nn.Module:
         return model
     encoder = bare_encoder(config, directory)
     model = PooledClassifier(encoder, head, config.num_labels, dropout=0.0)
-    missing, unexpected = model.load_state_dict(load_file(str(Path(directory) / HEAD_WEIGHTS)), strict=False)
+    load_head_weights(model, Path(directory))
+    return model
+
+
+def load_head_weights(model: PooledClassifier, directory: Path) -> None:
+    """Load an export's `distsent_head.safetensors` into `model`'s head."""
+    missing, unexpected = model.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
     head_missing = [k for k in missing if not k.startswith("encoder.")]
     if head_missing or unexpected:
         raise ValueError(
-            f"{directory}: {HEAD_WEIGHTS} does not match a {head} head (missing {head_missing}, unexpected {unexpected})"
+            f"{directory}: {HEAD_WEIGHTS} does not match a {model.head_type} head "
+            f"(missing {head_missing}, unexpected {unexpected})"
         )
-    return model
 
 
 def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> None:

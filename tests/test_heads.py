@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from distsent.config import load_config
@@ -158,6 +159,21 @@ def test_reheading_a_three_label_classifier(tmp_path, caplog):
     assert torch.allclose(
         encoder_before, reloaded.state_dict()["bert.encoder.layer.0.attention.self.query.weight"], atol=0.05
     )
+
+
+def test_training_on_from_a_mean_export_keeps_its_head(tmp_path, caplog):
+    export = tmp_path / "mean" / "final"
+    run_cli("train", *TINY, "model.head=mean", "train.max_steps=3", f"output_dir={export.parent}")
+    saved = load_file(str(export / "distsent_head.safetensors"))
+    labels = ["negative", "positive"]
+    same = load_config(None, [f"model.name={export}", "model.head=mean"])
+    model = build_model(same.model, labels, len(build_tokenizer(same.model)))
+    assert torch.equal(model.state_dict()["classifier.weight"], saved["classifier.weight"])
+    assert "re-heading" not in caplog.text
+    # Another head type cannot take the weights: a new head, said plainly.
+    other = load_config(None, [f"model.name={export}", "model.head=cnn"])
+    build_model(other.model, labels, len(build_tokenizer(other.model)))
+    assert "re-heading: the checkpoint is a 2-label classifier ['negative', 'positive'] with a mean head" in caplog.text
 
 
 def test_optional_test_split_is_scored_by_the_final_model(tmp_path):
