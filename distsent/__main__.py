@@ -56,7 +56,7 @@ def _predict(args: argparse.Namespace) -> int:
         # Unlabelled files are fine here: the label column is only required by evaluate.
         settings = _file_settings(predictor.data, Path(args.file), args.text_column, None, args.header)
         texts += _read_texts(Path(args.file), dataclasses.replace(settings, label_column=settings.text_column))
-    rows = predictor.predict(texts, batch_size=args.batch_size)
+    rows = predictor.predict(texts, batch_size=args.batch_size, all_scores=args.all_scores)
     if args.output:
         write_jsonl(rows, Path(args.output))
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text-column", help="text column of --file (default: the one the model was trained on)")
     predict.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
     predict.add_argument("--output", help="write JSON lines here instead of printing them")
+    predict.add_argument("--all-scores", action="store_true", help='add "scores": every label\'s probability')
     predict.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
     predict.set_defaults(handler=_predict)
 

@@ -52,14 +52,18 @@ class Predictor:
             out.append(probabilities(logits).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.label_names))
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[dict]:
-        """One {"text", "label", "score"} per text: the most probable label and its probability."""
+    def predict(self, texts: list[str], batch_size: int = 64, all_scores: bool = False) -> list[dict]:
+        """One {"text", "label", "score"} per text: the most probable label and its probability;
+        with `all_scores`, also "scores": every label's probability."""
         probs = self.predict_proba(texts, batch_size)
-        scores, ids = probs.max(dim=-1)
-        return [
-            {"text": text, "label": self.label_names[i], "score": round(float(s), 6)}
-            for text, i, s in zip(texts, ids.tolist(), scores.tolist(), strict=True)
-        ]
+        rows = []
+        for text, row in zip(texts, probs.tolist(), strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            result = {"text": text, "label": self.label_names[best], "score": round(row[best], 6)}
+            if all_scores:
+                result["scores"] = {name: round(p, 6) for name, p in zip(self.label_names, row, strict=True)}
+            rows.append(result)
+        return rows
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

@@ -81,6 +81,11 @@ def test_head_trains_exports_reloads_and_predicts(tmp_path, heldout_file, name):
     gold = [r["sentiment"] for r in csv.DictReader(heldout_file.open())]
     assert len(rows) == 101
     assert sum(r["label"] == g for r, g in zip(rows, gold, strict=True)) / 101 == pytest.approx(report["accuracy"])
+    # --all-scores: every label's probability, summing to 1, the top one being label and score.
+    (scored,) = [json.loads(run_cli("predict", "--model", str(export), "--all-scores", "a fine film").stdout)]
+    assert set(scored["scores"]) == {"negative", "positive"}
+    assert sum(scored["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert scored["scores"][scored["label"]] == scored["score"] == max(scored["scores"].values())
     misclassified = [json.loads(line) for line in Path(report["misclassified_file"]).read_text().splitlines()]
     assert len(misclassified) == round((1 - report["accuracy"]) * 101)
     for row in misclassified:
