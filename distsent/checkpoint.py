@@ -197,7 +197,9 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging), safe_serialization=True)
-    # Every node flushes what its ranks wrote before the main process marks the folder whole.
+    # Every node flushes what its ranks wrote before the main process marks the folder whole;
+    # only once all have written: files still being written can be renamed under the walk.
+    accelerator.wait_for_everyone()
     if accelerator.is_local_main_process:
         sync_tree(staging)
     accelerator.wait_for_everyone()
