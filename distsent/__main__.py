@@ -128,7 +128,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from distsent.plots import write_plots
+    from distsent.plots import read_events, write_plots
     from distsent.tracking import METRICS_FILE
 
     run_dir = Path(args.run_dir)
@@ -137,9 +137,9 @@ def _report(args: argparse.Namespace) -> int:
     metric = args.metric or _run_best_metric(run_dir)
     logged = {
         key
-        for line in (run_dir / METRICS_FILE).read_text().splitlines()
-        if '"eval"' in line
-        for key, value in json.loads(line).items()
+        for event in read_events(run_dir)
+        if event["event"] == "eval"
+        for key, value in event.items()
         if isinstance(value, float) and key not in ("epoch", "time")  # when, not how well
     }
     if logged and metric not in logged:

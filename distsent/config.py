@@ -404,9 +404,9 @@ def _all_keys(section_type: type | None = None, prefix: str = "") -> list[str]:
 def _unknown_key_message(key: str, names: set[str]) -> str:
     """Names the unknown key, with the likeliest intended one: the same name in another
     section (`lr` for `train.lr`) or a close spelling."""
-    last = key.rsplit(".", 1)[-1]
-    guesses = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == last] or difflib.get_close_matches(
-        key, _all_keys(), n=1, cutoff=0.75
+    last, keys = key.rsplit(".", 1)[-1], _all_keys()
+    guesses = [k for k in keys if k.rsplit(".", 1)[-1] == last] or difflib.get_close_matches(
+        key, keys, n=1, cutoff=0.75
     )
     hint = f"did you mean {guesses[0]}? " if guesses else ""
     return (

@@ -300,8 +300,9 @@ def _clean_and_filter(
 
 def label_key(label, label_names: list[str] | None) -> str:
     """The label's name. Integer labels (or digit strings from CSV) index configured names
-    (`labels: [negative, positive]` with 0/1 data) unless they are names themselves."""
-    key = str(label)
+    (`labels: [negative, positive]` with 0/1 data) unless they are names themselves. Surrounding
+    spaces are not part of it (`"text", positive` in a CSV)."""
+    key = str(label).strip()
     if label_names and key not in label_names and key.lstrip("-").isdigit() and not isinstance(label, bool):
         number = int(key)
         return label_names[number] if 0 <= number < len(label_names) else key

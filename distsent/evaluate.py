@@ -108,8 +108,7 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
     index = {name: i for i, name in enumerate(predictor.label_names)}
     texts, labels, origins = [], [], []
     for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
-        # As training read them: stripped, and integers indexing the configured data.labels.
-        label = label.strip() if isinstance(label, str) else label
+        # As training read them: integers index the configured data.labels.
         key = label_key(label, predictor.data.labels or predictor.label_names)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one the model knows ({predictor.label_names})")

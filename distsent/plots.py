@@ -24,7 +24,8 @@ def save_predictions(output_dir: Path, labels: np.ndarray, probs: np.ndarray, la
     (output_dir / PREDICTIONS_FILE).write_text(json.dumps(payload))
 
 
-def _events(output_dir: Path) -> list[dict]:
+def read_events(output_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl events, in order."""
     path = output_dir / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics to plot (is {output_dir} a distsent run folder?)")
@@ -92,7 +93,7 @@ def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str]
 def write_plots(output_dir: Path, metric: str = "accuracy") -> list[Path]:
     """Draw every plot the run's files support into <output_dir>/plots/; returns the files."""
     output_dir = Path(output_dir)
-    events = _events(output_dir)
+    events = read_events(output_dir)
     folder = output_dir / PLOTS_DIR
     folder.mkdir(exist_ok=True)
     written = [learning_curves(events, folder / "learning_curves.png", metric)]

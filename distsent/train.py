@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -256,9 +257,8 @@ def train(cfg: Config) -> dict:
             cfg.train.class_weights, splits.labels["train"], label_names, accelerator.device
         )
         # With class weights each example's share of a step is its weight over its global batch's.
-        example_weights = (
-            None if class_weights is None else class_weights.cpu()[torch.as_tensor(splits.labels["train"])].numpy()
-        )
+        weight_values = None if class_weights is None else class_weights.cpu().numpy()
+        example_weights = None if weight_values is None else weight_values[np.asarray(splits.labels["train"])]
         micro_batches_per_step = cfg.train.micro_batches_per_step(world_size)
 
         state = TrainState()
@@ -362,9 +362,8 @@ def train(cfg: Config) -> dict:
                 # Above 1 and growing while validation loss rises: the model is overfitting.
                 # Measured as the training loss is: class-weighted where weights are set.
                 val_loss = metrics["loss"]
-                if class_weights is not None:
-                    weights = class_weights.cpu().numpy()
-                    val_loss = weighted_mean_loss(last_predictions.losses, last_predictions.labels, weights)
+                if weight_values is not None:
+                    val_loss = weighted_mean_loss(last_predictions.losses, last_predictions.labels, weight_values)
                 metrics["val_train_loss_ratio"] = val_loss / state.last_train_loss
             state.last_metrics = metrics
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, metrics)
