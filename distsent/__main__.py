@@ -83,7 +83,7 @@ def _file_settings(export_data, path: Path, text_column: str | None, label_colum
 
 def _read_texts(path: Path, cfg) -> list[str]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet file."""
-    from distsent.data import CLI_FLAGS, BadRows, DataError, read_file
+    from distsent.data import PREDICT_FLAGS, BadRows, DataError, read_file
 
     if path.suffix.lower() == ".txt":
         if not path.is_file():
@@ -98,7 +98,7 @@ def _read_texts(path: Path, cfg) -> list[str]:
         if not texts:
             raise DataError(f"{path}: no texts (one per line)")
         return texts
-    rows = read_file(str(path), cfg, BadRows("error", CLI_FLAGS))
+    rows = read_file(str(path), cfg, BadRows("error", PREDICT_FLAGS))
     for text, origin in zip(rows.texts, rows.origins, strict=True):
         if not isinstance(text, str):
             raise DataError(f"{origin}: {text!r} in the text column (--text-column {cfg.text_column}) is not text")

@@ -19,6 +19,7 @@ EXPORT_CONFIG_NAME = "distsent_config.yaml"
 EXPORT_METRICS_NAME = "metrics.json"
 RUN_CONFIG_NAME = "config.yaml"
 SUMMARY_FILE = "summary.json"
+EXPORT_DIRS = ("best", "final")
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def replace_directory(staging: Path, target: Path) -> None:
         shutil.rmtree(retired)
 
 
-def tidy_interrupted_exports(output_dir: Path, names: tuple[str, ...] = ("best", "final")) -> list[str]:
+def tidy_interrupted_exports(output_dir: Path, names: tuple[str, ...] = EXPORT_DIRS) -> list[str]:
     """Undo what a killed export left behind; returns what was done. A staging folder has no
     marker to show it is whole, so it goes; a retired export comes back if nothing replaced it."""
     done = []
@@ -327,14 +328,15 @@ def rollback_history(output_dir: Path, step: int) -> int:
 
 
 def archive_previous_run(output_dir: Path) -> list[Path]:
-    """Move an earlier run's config, metrics.jsonl, checkpoints, summary, predictions and plots
-    aside, so a fresh run starts its own history, neither its pruning nor a later
-    `train.resume=auto` touches the old run's, and no old plot sits beside the new ones."""
+    """Move an earlier run's config, metrics.jsonl, checkpoints, exports, summary, predictions
+    and plots aside, so a fresh run starts its own history, neither its pruning nor a later
+    `train.resume=auto` touches the old run's, its first validation does not replace the old
+    `best/` (lost for good if the new run then fails), and no old plot sits beside the new ones."""
     from distsent.plots import PLOTS_DIR, PREDICTIONS_FILE
     from distsent.tracking import METRICS_FILE
 
     moved = []
-    names = (RUN_CONFIG_NAME, METRICS_FILE, SUMMARY_FILE, PREDICTIONS_FILE, PLOTS_DIR, CHECKPOINTS_DIR)
+    names = (RUN_CONFIG_NAME, METRICS_FILE, SUMMARY_FILE, PREDICTIONS_FILE, PLOTS_DIR, CHECKPOINTS_DIR, *EXPORT_DIRS)
     for path in (Path(output_dir) / name for name in names):
         if path.exists():
             stamp = int(path.stat().st_mtime)

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import math
 import re
 import textwrap
 import types
@@ -42,7 +43,8 @@ _Yaml12Loader.add_implicit_resolver(
 )
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
+    # A digit is required: `.`, `+` and `-.` are strings (a separator, a freeze pattern).
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
     list("-+0123456789."),
 )
 
@@ -296,7 +298,7 @@ class LogConfig:
     plots: bool = True
     """Write learning-curve, confusion-matrix and ROC PNGs into the run folder at the end."""
     progress_bar: bool = True
-    """Show a progress bar on the main process (off for batch logs)."""
+    """Show a progress bar on the main process when stderr is a terminal (never in batch logs)."""
 
     def validate(self) -> None:
         if not self.project:
@@ -351,13 +353,17 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
+        errors = {}
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(key, value, arg)
             except ConfigError as error:
-                errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: got {value!r}, which fits none of {annotation}")
+                errors[arg] = str(error)
+        # A list that fails as a list says which item is wrong, not which types exist.
+        shaped = [error for arg, error in errors.items() if isinstance(value, list) and typing.get_origin(arg) is list]
+        if len(errors) == 1 or len(shaped) == 1:
+            raise ConfigError((shaped or list(errors.values()))[0])
+        raise ConfigError(f"{key}: got {value!r}, which fits none of {annotation}")
     if origin is Literal:
         if value not in args:
             choices = "|".join(str(a) for a in args)
@@ -380,6 +386,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            # NaN passes every range check (each comparison is False) and fails later, deep in torch.
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if isinstance(value, (dict, list)) or value is None:

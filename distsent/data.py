@@ -13,7 +13,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -66,11 +66,15 @@ class SettingNames:
 
     text_column: str = "data.text_column"
     label_column: str = "data.label_column"
-    skip_bad_rows: str = "set data.bad_rows=skip"
+    bad_row_advice: str = "set data.bad_rows=skip to drop such rows"
 
 
 CLI_FLAGS = SettingNames(
-    text_column="--text-column", label_column="--label-column", skip_bad_rows="pass --bad-rows skip"
+    text_column="--text-column", label_column="--label-column", bad_row_advice="pass --bad-rows skip to drop such rows"
+)
+# predict answers every row or none: a bad row is a file read the wrong way, not one to drop.
+PREDICT_FLAGS = replace(
+    CLI_FLAGS, bad_row_advice="is the file read as intended? see --header/--no-header and --text-column"
 )
 
 
@@ -84,7 +88,7 @@ class BadRows:
 
     def report(self, origin: str, problem: str) -> None:
         if self.mode == "error":
-            raise DataError(f"{origin}: {problem} ({self.names.skip_bad_rows} to drop such rows)")
+            raise DataError(f"{origin}: {problem} ({self.names.bad_row_advice})")
         kind = problem.split(":")[0]
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
 

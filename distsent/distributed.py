@@ -168,6 +168,14 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
         kwargs_handlers=kwargs_handlers,
         dynamo_plugin=dynamo_plugin,
     )
+    variable = LAUNCHER_VARIABLES["gradient_accumulation_steps"][1]
+    if not info.use_deepspeed and accelerator.gradient_accumulation_steps != cfg.train.grad_accum_steps:
+        # accelerate prefers the environment's value to the one passed: the batch plan,
+        # epochs and banner would then describe another run than the one trained.
+        raise ConfigError(
+            f"{variable}={os.environ.get(variable)} in the environment overrides "
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps}; unset it and set train.grad_accum_steps"
+        )
     if cfg.train.mixed_precision == "auto" and not info.has_cuda and accelerator.num_processes > 1:
         # Each process timed bf16 itself; a split decision would train ranks in two precisions.
         bf16_ranks = accelerator.reduce(torch.tensor(int(precision == "bf16"), device=accelerator.device), "sum")
@@ -208,6 +216,18 @@ def model_construction_context(accelerator):
         plugin.set_deepspeed_weakref()
 
 
+# DeepSpeed settings that `accelerate launch` flags set through the environment:
+# (flag, variable, the run config's key that decides instead).
+LAUNCHER_VARIABLES = {
+    "gradient_accumulation_steps": (
+        "--gradient_accumulation_steps",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+        "train.grad_accum_steps",
+    ),
+    "gradient_clipping": ("--gradient_clipping", "ACCELERATE_GRADIENT_CLIPPING", "train.max_grad_norm"),
+}
+
+
 def reconcile_deepspeed_config(ds_config: dict, cfg: Config, world_size: int, precision: str) -> None:
     """Fill DeepSpeed's "auto" values from the run config; refuse values that contradict it.
 
@@ -231,6 +251,13 @@ def _reconcile(section: dict, key: str, value, where: str | None = None) -> None
     if current == "auto":
         section[key] = value
     elif current != value:
+        flag = LAUNCHER_VARIABLES.get(key)
+        if flag and flag[1] in os.environ:
+            # accelerate copies its launch flag into the DeepSpeed config, over the JSON's "auto".
+            raise ConfigError(
+                f"accelerate launch {flag[0]} ({flag[1]}={os.environ[flag[1]]}) sets DeepSpeed's {key}={current!r} "
+                f"but the run config implies {value!r}; drop the flag and set {flag[2]} instead"
+            )
         raise ConfigError(
             f"DeepSpeed config sets {where or key}={current!r} but the run config implies {value!r}; "
             'set it to "auto" so the run config decides'

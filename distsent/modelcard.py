@@ -13,6 +13,14 @@ def _score(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"  # None: no examples of the class here
 
 
+def _front_matter(cfg: Config) -> str:
+    """The Hub's metadata. A `mean`/`cnn` head lives in distsent's own file, which transformers
+    does not read: such an export must not offer a transformers widget with a random head."""
+    if cfg.model.head == "cls":
+        return "library_name: transformers\npipeline_tag: text-classification\ntags: [distsent, text-classification]"
+    return f"library_name: distsent\ntags: [distsent, text-classification, {cfg.model.head}-head]"
+
+
 def write_model_card(folder: Path, title: str, cfg: Config, label_names: list[str], metrics: dict) -> None:
     """README.md in `folder` (a staging folder, so the `title` names where it will live)."""
     rows = "\n".join(f"| {key} | {_fmt(metrics[key])} |" for key in HEADLINE_METRICS if key in metrics)
@@ -22,9 +30,7 @@ def write_model_card(folder: Path, title: str, cfg: Config, label_names: list[st
         for name, s in per_class.items()
     )
     text = f"""---
-library_name: transformers
-pipeline_tag: text-classification
-tags: [distsent, text-classification]
+{_front_matter(cfg)}
 ---
 
 # {title}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 PACKAGED_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TINY_BERT = "tiny-bert"
 HEAD_WEIGHTS = "distsent_head.safetensors"
+# transformers' names for labels nobody named: such a head carries over by position.
+UNNAMED_LABEL = re.compile(r"LABEL_\d+")
 # Config attributes that hold dropout probabilities, across BERT, RoBERTa, DistilBERT, MPNet.
 DROPOUT_ATTRIBUTES = (
     "hidden_dropout_prob",
@@ -93,19 +96,22 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
         "num_labels": num_outputs,
         "id2label": id2label,
         "label2id": {name: i for i, name in id2label.items()},
+        # What transformers' pipeline and loss read to choose softmax or sigmoid; a re-headed
+        # checkpoint would otherwise keep its source's (multi-label, regression).
+        "problem_type": "multi_label_classification" if cfg.single_logit else "single_label_classification",
         # id2label cannot describe a single-logit model's two classes; keep them all here.
         "distsent_label_names": list(label_names),
         "distsent_head": cfg.head,
     }
+    source, head_rows, same_shape_head = None, None, False
     if cfg.name == TINY_BERT:
         config = tiny_bert_config(vocab_size)
-        config.update(label_maps)
-        source = None
     else:
         source = resolve_model_source(cfg.name)
         config = AutoConfig.from_pretrained(source, revision=cfg.revision)
-        keeps_head = _keeps_head(config, num_outputs, cfg.head)
-        config.update(label_maps)
+        head_rows = carried_head_rows(config, label_names, cfg.single_logit, cfg.head)
+        same_shape_head = _source_head(config) == "cls" and config.num_labels == num_outputs
+    config.update(label_maps)
     _apply_dropout(config, cfg.dropout)
     config._attn_implementation = cfg.attn_implementation
 
@@ -120,11 +126,14 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
                 # A checkpoint fine-tuned for other labels gets a fresh head of the right size.
                 ignore_mismatched_sizes=True,
             )
+            if same_shape_head and head_rows is None:
+                # Other labels in the same number: the loaded head would fit, and mislead.
+                reinitialise_head(model)
     else:
         encoder = bare_encoder(config, source, cfg.revision)
         dropout = cfg.dropout if cfg.dropout is not None else getattr(config, "hidden_dropout_prob", 0.1)
         model = PooledClassifier(encoder, cfg.head, num_outputs, dropout)
-        if source is not None and keeps_head:
+        if head_rows is not None:
             # Training on from a distsent export: its fine-tuned head too, not a fresh one.
             if (Path(source) / HEAD_WEIGHTS).is_file():
                 load_head_weights(model, Path(source))
@@ -132,8 +141,48 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
                 log.warning(
                     "%s has no %s here (not a local export): the %s head starts fresh", source, HEAD_WEIGHTS, cfg.head
                 )
+                head_rows = None
+    if head_rows is not None and head_rows != sorted(head_rows):
+        reorder_outputs(model, head_rows, cfg.name)
     freeze_parameters(model, cfg.freeze)
     return model
+
+
+def reinitialise_head(model) -> None:
+    """A fresh head on a transformers classifier: every module beside its encoder, drawn as
+    transformers draws a missing head (normal weights, zero biases, unit norms)."""
+    std = getattr(model.config, "initializer_range", None) or 0.02
+    with torch.no_grad():
+        for name, child in model.named_children():
+            if name == model.base_model_prefix:
+                continue
+            for module in child.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.normal_(0.0, std)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, torch.nn.LayerNorm):
+                    module.reset_parameters()
+
+
+def reorder_outputs(model: torch.nn.Module, rows: list[int], source_name: str) -> None:
+    """Put a carried-over head's output rows in the run's label order."""
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.out_features == len(rows)
+    ]
+    # The logits come from the last such layer, under the head's own name.
+    if not layers or not any(word in layers[-1][0] for word in ("classifier", "score", "logits")):
+        raise ConfigError(
+            f"model.name={source_name}: cannot find its output layer to reorder its labels; "
+            "set data.labels in the checkpoint's label order"
+        )
+    layer = layers[-1][1]
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight[rows])
+        if layer.bias is not None:
+            layer.bias.copy_(layer.bias[rows])
 
 
 def bare_encoder(config, source: str | None = None, revision: str | None = None):
@@ -155,25 +204,41 @@ def _source_head(source_config) -> str | None:
     return getattr(source_config, "distsent_head", None) or ("cls" if is_classifier else None)
 
 
-def _keeps_head(source_config, num_outputs: int, head: str) -> bool:
-    """Whether a fine-tuned checkpoint's head carries over (same head, same outputs); says
-    plainly when it is replaced instead."""
+def carried_head_rows(source_config, label_names: list[str], single_logit: bool, head: str) -> list[int] | None:
+    """Which of a fine-tuned checkpoint's output rows the new head starts from, in the run's
+    label order: the same labels (or unnamed ones) by position, the same labels in another
+    order reordered. None when its head is discarded instead, which is said plainly."""
     old_head = _source_head(source_config)
     if old_head is None:
-        return False
+        return None
+    old_names = label_names_of(source_config)
+    num_outputs = 1 if single_logit else len(label_names)
+    reason = ""
     if old_head == head and source_config.num_labels == num_outputs:
-        return True
-    old = label_names_of(source_config)
+        if old_names == list(label_names):
+            return list(range(num_outputs))
+        if not single_logit and all(UNNAMED_LABEL.fullmatch(name) for name in old_names):
+            log.info(
+                "the checkpoint's labels are unnamed %s: its head carries over by position as %s",
+                old_names,
+                label_names,
+            )
+            return list(range(num_outputs))
+        if not single_logit and sorted(old_names) == sorted(label_names):
+            log.info("the checkpoint's head carries over, its outputs reordered from %s to %s", old_names, label_names)
+            return [old_names.index(name) for name in label_names]
+        reason = f" and this run's labels are {list(label_names)}"
     log.warning(
-        "re-heading: the checkpoint is a %d-label classifier %s with a %s head; its head is discarded and a new "
+        "re-heading: the checkpoint is a %d-label classifier %s with a %s head%s; its head is discarded and a new "
         "%s head with %d output(s) is initialised (classifier weights re-initialised, encoder kept)",
-        len(old),
-        old,
+        len(old_names),
+        old_names,
         old_head,
+        reason,
         head,
         num_outputs,
     )
-    return False
+    return None
 
 
 class PooledClassifier(torch.nn.Module):
@@ -218,7 +283,9 @@ class PooledClassifier(torch.nn.Module):
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         if self.head_type == "cnn":
-            tokens = states.transpose(1, 2)
+            # Zero the padding's states: a text's last windows then see the zeros its own
+            # convolution padding gives a lone text, so its logits do not depend on its batch.
+            tokens = (states * mask).transpose(1, 2)
             length = tokens.shape[-1]
             pooled = []
             for conv in self.convs:
@@ -272,6 +339,11 @@ def load_classifier(directory: str | Path) -> torch.nn.Module:
 
 def load_head_weights(model: PooledClassifier, directory: Path) -> None:
     """Load an export's `distsent_head.safetensors` into `model`'s head."""
+    if not (directory / HEAD_WEIGHTS).is_file():
+        raise ConfigError(
+            f"{directory}: {HEAD_WEIGHTS} is missing; a {model.head_type}-head export keeps its head there, "
+            "so copy the whole export folder"
+        )
     missing, unexpected = model.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
     head_missing = [k for k in missing if not k.startswith("encoder.")]
     if head_missing or unexpected:
@@ -292,6 +364,8 @@ def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> None:
     unmatched = [p for p in patterns if p not in matched]
     if unmatched:
         raise ConfigError(f"model.freeze: patterns {unmatched} match no parameter name")
+    if patterns and not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ConfigError(f"model.freeze={patterns} freezes every parameter: nothing would train")
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

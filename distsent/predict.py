@@ -27,6 +27,12 @@ class Predictor:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = load_classifier(model_dir).to(self.device).eval()
         self.label_names = label_names_of(self.model.config)
+        if len(self.label_names) < 2:
+            # One output and one name: a regression or one-label sigmoid model from elsewhere.
+            raise ConfigError(
+                f"--model {model_dir}: one output named {self.label_names} does not say which two classes it "
+                "separates; predict takes classifiers with an output per class, or distsent's single-logit exports"
+            )
         # Clean and truncate as in training (HTML, URLs, case; max_length, head or head+tail)
         # when the export says how; a model from elsewhere gets its texts as they are.
         saved = model_dir / EXPORT_CONFIG_NAME

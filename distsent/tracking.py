@@ -2,7 +2,9 @@
 
 Only the main process prints or writes; the losses it receives are already reduced over
 all ranks by the training loop. W&B is optional (`log.wandb=true`) and resumes the same
-run after a checkpoint resume, because the run id travels in the checkpoint.
+run after a checkpoint resume, because the run id travels in the checkpoint. A W&B failure
+(unreachable server, its background process killed by the same signal that preempts the
+run) costs the W&B record, never the run: training, checkpoints and metrics.jsonl go on.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -44,6 +47,7 @@ class RunLogger:
         total_steps: int,
         initial_step: int = 0,
         wandb_run_id: str | None = None,
+        run_facts: dict | None = None,
     ) -> None:
         self.enabled = is_main_process
         self.metrics_path = output_dir / METRICS_FILE
@@ -51,10 +55,15 @@ class RunLogger:
         self.wandb_run = None
         if not self.enabled:
             return
-        if cfg.log.progress_bar:
+        if cfg.log.progress_bar and sys.stderr.isatty():
             self.progress = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+        else:
+            # A batch log (Slurm, nohup, CI) would get every redraw; exports' own bars too.
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         if cfg.log.wandb:
-            self.wandb_run = _start_wandb(cfg, output_dir, wandb_run_id)
+            self.wandb_run = _start_wandb(cfg, output_dir, wandb_run_id, run_facts or {})
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -90,8 +99,7 @@ class RunLogger:
             return
         self._record({"event": "train", "step": step, **values})
         self._print(f"step {step:>6}  " + "  ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
-        if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{k}": v for k, v in values.items()}, step=step)
+        self._to_wandb(lambda run: run.log({f"train/{k}": v for k, v in values.items()}, step=step))
 
     def log_eval(self, step: int, epoch: float, metrics: dict, split: str = "validation") -> None:
         if not self.enabled:
@@ -101,19 +109,18 @@ class RunLogger:
         self._print(
             f"{split} @ step {step} (epoch {epoch:.2f})  " + "  ".join(f"{k} {_fmt(v)}" for k, v in flat.items())
         )
-        if self.wandb_run is not None:
-            scalars = {f"{split}/{k}": v for k, v in flat.items() if isinstance(v, (int, float))}
-            for name, scores in metrics.get("per_class", {}).items():
-                if scores["f1"] is not None:
-                    scalars[f"{split}/f1_{name}"] = scores["f1"]
-            self.wandb_run.log(scalars, step=step)
+        scalars = {f"{split}/{k}": v for k, v in flat.items() if isinstance(v, (int, float))}
+        for name, scores in metrics.get("per_class", {}).items():
+            if scores["f1"] is not None:
+                scalars[f"{split}/f1_{name}"] = scores["f1"]
+        self._to_wandb(lambda run: run.log(scalars, step=step))
 
     def log_images(self, paths: list[Path]) -> None:
         """Attach the run's PNG plots to W&B (they are in the run folder either way)."""
         if self.wandb_run is not None and paths:
             import wandb
 
-            self.wandb_run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in paths})
+            self._to_wandb(lambda run: run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in paths}))
 
     def finish(self, summary: dict) -> None:
         if not self.enabled:
@@ -126,39 +133,104 @@ class RunLogger:
         rows["best"] = f"{best.get('name')} {_fmt(best.get('value'))} at step {best.get('step')}"
         width = max(len(key) for key in rows)
         print("summary\n" + "\n".join(f"  {key:<{width}}  {_fmt(value)}" for key, value in rows.items()), flush=True)
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(
-                {**{k: v for k, v in rows.items() if isinstance(v, (int, float))}, "best_metric": best.get("value")}
-            )
-            self.wandb_run.finish()
-            self.wandb_run = None
+        numbers = {k: v for k, v in rows.items() if isinstance(v, (int, float))}
+        best_fields = {
+            "best_metric": best.get("value"),
+            "best_metric_name": best.get("name"),
+            "best_step": best.get("step"),
+        }
+        self._to_wandb(lambda run: run.summary.update({**numbers, **best_fields}))
+        self._to_wandb(lambda run: run.finish())
+        self.wandb_run = None
 
-    def close(self) -> None:
+    def close(self, preempted: bool = False) -> None:
         """Release the progress bar and W&B after a failure or preemption (resumable run)."""
         if self.progress is not None:
             self.progress.close()
-        if self.wandb_run is not None:
-            # A non-zero exit code marks the W&B run as interrupted, not finished.
-            self.wandb_run.finish(exit_code=1)
+        if preempted:
+            # Shown as preempted, not failed; the resumed run continues it.
+            self._to_wandb(lambda run: run.mark_preempting())
+        # A non-zero exit code marks the W&B run as interrupted, not finished.
+        self._to_wandb(lambda run: run.finish(exit_code=1))
+        self.wandb_run = None
+
+    def _to_wandb(self, call) -> None:
+        """Make one W&B call; the first failure turns W&B off for the rest of the run."""
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as error:  # any failure of a logging side channel, not of training
+            _forget_frames(error)
+            log.warning(
+                "W&B stopped working (%s: %s); the run goes on without it, every record is in %s",
+                type(error).__name__,
+                _first_line(error),
+                self.metrics_path,
+            )
             self.wandb_run = None
+            _release_wandb()
 
 
-def _start_wandb(cfg: Config, output_dir: Path, run_id: str | None):
+def _start_wandb(cfg: Config, output_dir: Path, run_id: str | None, run_facts: dict):
+    """The W&B run; offline when the server cannot be reached or refuses, so that an outage
+    or a missing key costs the live dashboard, not the training job (Slurm would not requeue
+    it). None when even an offline run cannot start."""
     import wandb
 
     # `config` is the resolved run config only: no environment, so no API key can reach
-    # the run's files; the key stays wherever wandb keeps it (env or ~/.netrc).
-    return wandb.init(
+    # the run's files; the key stays wherever wandb keeps it (env or ~/.netrc). `run` holds
+    # what the config leaves open: world size, global batch, the precision `auto` chose.
+    settings = dict(
         project=cfg.log.project,
         entity=cfg.log.entity,
         name=cfg.log.run_name or output_dir.name,
         tags=cfg.log.tags or None,
         group=cfg.log.group,
-        config=cfg.to_dict(),
+        config={**cfg.to_dict(), "run": run_facts},
         dir=str(output_dir),
         id=run_id,
         resume="allow" if run_id else None,
     )
+    try:
+        return wandb.init(**settings)
+    except Exception as error:  # wandb raises its own errors, timeouts and usage errors here
+        log.warning("W&B could not start (%s: %s); logging offline instead", type(error).__name__, _first_line(error))
+    try:
+        run = wandb.init(**settings, mode="offline")
+    except Exception as error:
+        log.warning(
+            "W&B could not start offline either (%s: %s); the run goes on without it",
+            type(error).__name__,
+            _first_line(error),
+        )
+        return None
+    log.warning("W&B logs offline to %s; upload it later with `wandb sync %s`", run.dir, Path(run.dir).parent)
+    return run
+
+
+def _release_wandb() -> None:
+    """Drop wandb's connection to its background process now: left to wandb's exit hook,
+    a dead process's connection ends the run with a traceback after exit code 75."""
+    import wandb
+
+    try:
+        wandb.teardown(exit_code=1)
+    except (Exception, SystemExit) as error:  # the connection is already broken
+        _forget_frames(error)
+
+
+def _forget_frames(error: BaseException) -> None:
+    """wandb keeps the exception of a lost connection and raises that same object again
+    from its own thread. Its traceback would hold our frames, and with them the model's
+    tensors, until that thread drops it during interpreter shutdown, freeing tensors from a
+    thread that may no longer run: the process then aborts instead of exiting 75."""
+    error.__traceback__ = None
+
+
+def _first_line(error: Exception) -> str:
+    """wandb's messages run over several lines of advice; the first says what happened."""
+    return str(error).strip().split("\n")[0]
 
 
 def _fmt(value: object) -> str:

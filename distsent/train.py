@@ -50,6 +50,7 @@ from distsent.optim import build_optimizer, loss_scale, scaler_skipped_step
 from distsent.packing import is_packed, model_inputs, position_limit, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher, record_preemption
+from distsent.run_lock import lock_output_dir
 from distsent.tracking import RunLogger, peak_memory_mib
 
 log = logging.getLogger("distsent")
@@ -181,9 +182,14 @@ def train(cfg: Config) -> dict:
     accelerator = build_accelerator(cfg, info)
     watcher = PreemptionWatcher(cfg.checkpoint.signals)
     run_logger = None
+    preempted = False
+    run_lock = None
     try:
         output_dir = Path(cfg.output_dir)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and output_dir.exists():
+            # Held before anything is tidied: another live run's half-written checkpoint is
+            # not the debris of a crash.
+            run_lock = lock_output_dir(output_dir)
             for what in tidy_interrupted_writes(output_dir) + tidy_interrupted_exports(output_dir):
                 log.warning(what)
         if cfg.train.threads:
@@ -263,6 +269,9 @@ def train(cfg: Config) -> dict:
 
         state = TrainState()
         fingerprint = run_fingerprint(cfg, world_size, accelerator.mixed_precision, train_digest, eval_digest)
+        if accelerator.is_main_process and run_lock is None:
+            # A new folder is made, and held, only once the data and settings are accepted.
+            run_lock = lock_output_dir(output_dir)
         resume_from = resolve_resume(cfg.train.resume or default_resume_mode(), output_dir)
         if resume_from is not None:
             payload = read_checkpoint_payload(resume_from, fingerprint)
@@ -287,6 +296,12 @@ def train(cfg: Config) -> dict:
             total_steps,
             initial_step=state.global_step,
             wandb_run_id=state.wandb_run_id,
+            run_facts={
+                "world_size": world_size,
+                "global_batch_size": plan.global_batch_size,
+                "mixed_precision": accelerator.mixed_precision,
+                "distributed_type": accelerator.distributed_type.value,
+            },
         )
         # Kept in every checkpoint, so a resumed run continues the same W&B run.
         state.wandb_run_id = run_logger.wandb_run_id
@@ -533,8 +548,13 @@ def train(cfg: Config) -> dict:
                 run_logger.log_images(write_plots(output_dir, cfg.train.best_metric))
         run_logger.finish(summary)
         return summary
+    except Preempted:
+        preempted = True
+        raise
     finally:
         if run_logger is not None:
-            run_logger.close()
+            run_logger.close(preempted)
         watcher.restore()
         accelerator.end_training()
+        if run_lock is not None:
+            run_lock.close()

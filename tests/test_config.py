@@ -37,6 +37,11 @@ def test_yaml_then_overrides_win(tmp_path: Path):
         ("nosection.key=1", "nosection"),
         ("train=3", "train is a section"),
         ("train.length_grouping=maybe", "train.length_grouping must be true or false"),
+        # NaN fails no range check (each comparison is False): refused by name, not by torch.
+        ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+        ("train.max_grad_norm=.nan", "train.max_grad_norm must be a finite number"),
+        ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),
+        ("train.class_weights=[1, .nan]", "train.class_weights[1] must be a finite number"),
     ],
 )
 def test_bad_values_name_the_key(override: str, fragment: str):
@@ -60,6 +65,11 @@ def test_parse_override_types():
     # YAML's block syntax is never meant on a command line: `-` is a separator, not a list.
     assert parse_override("data.multi_label_separator=-") == (["data", "multi_label_separator"], "-")
     assert load_config(None, ["data.multi_label_separator=-"]).data.multi_label_separator == "-"
+    # A number needs a digit: `+`, `.` and `-.` are strings (they once crashed the loader).
+    for text in ("+", ".", "-."):
+        assert parse_override(f"data.multi_label_separator={text}")[1] == text
+    assert load_config(None, ["model.freeze=[.]"]).model.freeze == ["."]
+    assert parse_override("train.lr=.5") == (["train", "lr"], 0.5)
 
 
 @pytest.mark.parametrize(

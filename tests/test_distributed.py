@@ -180,6 +180,25 @@ def test_conflicting_deepspeed_value_is_refused(tmp_path):
     assert "train_micro_batch_size_per_gpu=4" in result.stderr and '"auto"' in result.stderr
 
 
+def test_accumulation_from_the_launcher_is_refused_naming_its_source(tmp_path):
+    """accelerate takes gradient accumulation from its launch flag (DeepSpeed) or from the
+    environment (always), over what distsent passes: the run would train another global
+    batch than its plan, banner and epochs describe."""
+    run = ["train", *TINY, "train.max_steps=2", f"output_dir={tmp_path / 'out'}"]
+    flagged = launch("zero2.yaml", 1, *run, extra_launch=("--gradient_accumulation_steps", "2"), check=False)
+    assert flagged.returncode != 0
+    assert (
+        "accelerate launch --gradient_accumulation_steps (ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2)" in flagged.stderr
+    )
+    assert "set train.grad_accum_steps instead" in flagged.stderr
+    exported = run_cli(*run, env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}, check=False)
+    assert exported.returncode == 2, exported.stderr[-3000:]
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 in the environment overrides train.grad_accum_steps=1" in (
+        exported.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

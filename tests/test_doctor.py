@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from tests.conftest import REPO, cli_env, launch, run_cli
+from tests.conftest import REPO, cli_env, launch, run_captured, run_cli
 
 
 def test_doctor_reports_what_it_sees():
@@ -34,3 +34,17 @@ def test_doctor_fails_on_a_configuration_that_cannot_work():
 def test_doctor_under_the_launcher_shows_each_rank():
     result = launch("ddp.yaml", 2, "doctor")
     assert "rank 0 of 2" in result.stdout and "rank 1 of 2" in result.stdout
+
+
+def test_debug_launch_keeps_the_gpu_the_scheduler_assigned(tmp_path):
+    """`srun --gpus=1` hands over, say, GPU 5; the single-GPU launch file must not move the
+    run to GPU 0, someone else's on a cluster without device cgroups."""
+    script = tmp_path / "show.py"
+    script.write_text("import os\nprint('visible:', os.environ.get('CUDA_VISIBLE_DEVICES'))\n")
+    command = [
+        *(sys.executable, "-m", "accelerate.commands.launch"),
+        *("--config_file", str(REPO / "launch" / "accelerate" / "single_gpu.yaml"), str(script)),
+    ]
+    result = run_captured(command, env={**cli_env(), "CUDA_VISIBLE_DEVICES": "5"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "visible: 5" in result.stdout

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from distsent.config import load_config
 from distsent.data import load_labeled_splits
-from distsent.modeling import build_model, build_tokenizer, load_classifier
+from distsent.modeling import build_model, build_tokenizer, load_classifier, tiny_bert_config
 from tests.conftest import TINY, max_weight_difference, read_summary, run_cli
 
 HEADS = {
@@ -95,10 +95,12 @@ def test_head_trains_exports_reloads_and_predicts(tmp_path, heldout_file, name):
         check_cli_errors_name_flags(export, heldout_file, tmp_path)
     # The model card shows the way this export loads.
     card = (export / "README.md").read_text()
-    assert card.splitlines()[6] == f"# {out.name}/final"
+    assert next(line for line in card.splitlines() if line.startswith("# ")) == f"# {out.name}/final"
     transformers_head = name in ("cls", "single_logit")
     assert ("pipeline(" in card) == transformers_head
     assert ("from distsent.predict import Predictor" in card) == (not transformers_head)
+    # The Hub's widget would serve a mean/cnn export with transformers' random head.
+    assert ("library_name: transformers" in card) == transformers_head
 
 
 def check_cli_errors_name_flags(export: Path, heldout_file: Path, tmp_path: Path) -> None:
@@ -118,6 +120,12 @@ def check_cli_errors_name_flags(export: Path, heldout_file: Path, tmp_path: Path
     no_column = run_cli("predict", "--model", str(export), "--file", str(with_neutral), check=False)
     assert no_column.returncode == 2
     assert "no column 'text' (--text-column)" in no_column.stderr
+    # predict has no --bad-rows: a malformed row points at how the file is read instead.
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text('text\na fine film\n"a film","with, a spare field"\n')
+    refused = run_cli("predict", "--model", str(export), "--file", str(ragged), check=False)
+    assert refused.returncode == 2 and f"{ragged}:3: malformed row" in refused.stderr, refused.stderr
+    assert "--bad-rows" not in refused.stderr and "--header/--no-header" in refused.stderr
     # Unusable predict inputs: one line naming the file and line, exit 2, no traceback.
     (tmp_path / "latin1.txt").write_bytes(b"fine\nna\xefve\n")
     (tmp_path / "blank.txt").write_text("\n \n")
@@ -137,12 +145,53 @@ def check_cli_errors_name_flags(export: Path, heldout_file: Path, tmp_path: Path
     assert run_cli("report", str(export.parent)).stdout.strip().endswith(".png")
 
 
+def test_predict_refuses_models_it_cannot_read_in_one_line(tmp_path):
+    """A one-output model from elsewhere names one class, not two; a mean export without
+    its head file has no head. Both are one-line errors, not tracebacks."""
+    cfg = load_config(None, ["model.name=tiny-bert"])
+    tokenizer = build_tokenizer(cfg.model)
+    foreign = tmp_path / "regression"
+    config = tiny_bert_config(len(tokenizer))
+    config.num_labels = 1
+    BertForSequenceClassification(config).save_pretrained(foreign)
+    tokenizer.save_pretrained(foreign)
+    refused = run_cli("predict", "--model", str(foreign), "a fine film", check=False)
+    assert refused.returncode == 2 and "one output named ['LABEL_0']" in refused.stderr, refused.stderr
+    headless = tmp_path / "mean"
+    mean = load_config(None, ["model.name=tiny-bert", "model.head=mean"])
+    build_model(mean.model, ["negative", "positive"], len(tokenizer)).save_pretrained(headless)
+    tokenizer.save_pretrained(headless)
+    (headless / "distsent_head.safetensors").unlink()
+    refused = run_cli("predict", "--model", str(headless), "a fine film", check=False)
+    assert refused.returncode == 2 and "distsent_head.safetensors is missing" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_a_texts_logits_do_not_depend_on_its_batch(name):
+    """Alone or padded beside a longer text: the same logits (the CNN head once read the
+    padding's hidden states and flipped labels with the batch size)."""
+    cfg = load_config(None, ["model.name=tiny-bert", *HEADS[name]])
+    tokenizer = build_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ["negative", "positive"], len(tokenizer)).eval()
+    short, long = "a fine film", "a long and winding film that never seems to end, and then it does not end"
+    with torch.no_grad():
+        alone = model(**tokenizer([short], return_tensors="pt")).logits
+        batched = model(**tokenizer([short, long], padding=True, return_tensors="pt")).logits
+    assert torch.allclose(alone[0], batched[0], atol=1e-5), (alone[0], batched[0])
+
+
 def test_freezing_by_name_pattern():
     cfg = load_config(None, ["model.name=tiny-bert", "model.freeze=[embeddings., encoder.layer.0.]"])
     model = build_model(cfg.model, ["a", "b"], len(build_tokenizer(cfg.model)))
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert any("embeddings." in n for n in frozen) and any("encoder.layer.0." in n for n in frozen)
     assert not any("encoder.layer.1." in n or "classifier" in n for n in frozen)
+    with pytest.raises(ValueError, match=r"model.freeze=\['bert.', 'classifier.'\] freezes every parameter"):
+        build_model(
+            load_config(None, ["model.name=tiny-bert", "model.freeze=[bert., classifier.]"]).model, ["a", "b"], 30522
+        )
     with pytest.raises(ValueError, match="match no parameter"):
         build_model(
             load_config(None, ["model.name=tiny-bert", "model.freeze=[nothing_like_this]"]).model, ["a", "b"], 30522
@@ -179,6 +228,53 @@ def test_training_on_from_a_mean_export_keeps_its_head(tmp_path, caplog):
     other = load_config(None, [f"model.name={export}", "model.head=cnn"])
     build_model(other.model, labels, len(build_tokenizer(other.model)))
     assert "re-heading: the checkpoint is a 2-label classifier ['negative', 'positive'] with a mean head" in caplog.text
+
+
+@pytest.mark.parametrize("head", ["cls", "mean"])
+def test_a_carried_over_head_follows_the_label_names(tmp_path, caplog, head):
+    """Same labels in another order: the head carries over with its outputs reordered.
+    Other labels of the same number: a fresh head, said plainly (it once kept the old rows,
+    which inverted a classifier whose labels were listed the other way round)."""
+    cfg = load_config(None, ["model.name=tiny-bert", f"model.head={head}"])
+    tokenizer = build_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    source = build_model(cfg.model, ["negative", "positive"], len(tokenizer)).eval()
+    source.save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    texts = tokenizer(["a fine film", "dull"], padding=True, return_tensors="pt")
+
+    def logits_of(labels: list[str]) -> torch.Tensor:
+        run = load_config(None, [f"model.name={tmp_path / 'source'}", f"model.head={head}"])
+        with torch.no_grad():
+            return build_model(run.model, labels, len(tokenizer)).eval()(**texts).logits
+
+    with torch.no_grad():
+        before = source(**texts).logits
+    assert torch.allclose(logits_of(["negative", "positive"]), before, atol=1e-6)
+    assert torch.allclose(logits_of(["positive", "negative"]), before.flip(-1), atol=1e-6)
+    assert "re-heading" not in caplog.text
+    renamed = logits_of(["happy", "nocode"])
+    assert "and this run's labels are ['happy', 'nocode']; its head is discarded" in caplog.text
+    assert not torch.allclose(renamed, before, atol=1e-3)
+
+
+def test_exports_declare_how_their_outputs_were_trained(tmp_path):
+    """transformers' pipeline picks softmax or sigmoid by problem_type: a re-headed export
+    must not keep its source's (a multi-label emotion model, a regression model)."""
+    tokenizer = build_tokenizer(load_config(None, ["model.name=tiny-bert"]).model)
+    source = tmp_path / "multi_label"
+    build_model(load_config(None, ["model.name=tiny-bert"]).model, list("abcde"), len(tokenizer)).save_pretrained(
+        source
+    )
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    tokenizer.save_pretrained(source)
+    for overrides, expected in (
+        ([], "single_label_classification"),
+        (["model.single_logit=true"], "multi_label_classification"),
+    ):
+        run = load_config(None, [f"model.name={source}", *overrides])
+        assert build_model(run.model, ["negative", "positive"], len(tokenizer)).config.problem_type == expected
 
 
 def test_optional_test_split_is_scored_by_the_final_model(tmp_path):

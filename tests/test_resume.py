@@ -25,7 +25,16 @@ from distsent.checkpoint import (
     tidy_interrupted_writes,
 )
 from distsent.preemption import EXIT_PREEMPTED
-from tests.conftest import REPO, TINY, cli_env, launch, max_weight_difference, read_summary, run_cli
+from tests.conftest import (
+    REPO,
+    TINY,
+    cli_env,
+    kill_process_tree,
+    launch,
+    max_weight_difference,
+    read_summary,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -314,10 +323,40 @@ def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_pat
     # Its plots, summary and predictions went with it: the ones in place are the later run's.
     for name in ("plots.before-*", "summary.before-*.json", "validation_predictions.before-*.json"):
         assert len(list(run.glob(name))) == 1, name
+    # So did its exports: a later run that dies after its first validation cannot have
+    # replaced the earlier best/ for good.
+    for name in ("best.before-*", "final.before-*"):
+        (archived,) = run.glob(name)
+        assert (archived / "model.safetensors").is_file()
     assert "step-00000004" in run_cli(*later, "train.resume=auto").stdout
     # The earlier run's settings do not continue the later run: its lr differs.
     refused = run_cli(*earlier, "train.resume=auto", check=False)
     assert refused.returncode == 2 and "train.lr: checkpoint 0.0001, this run 5e-05" in refused.stderr
+
+
+def test_a_second_run_in_a_busy_folder_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+    """Two runs in one folder undo each other (the second took the first's half-written
+    checkpoint for crash debris and replaced its best/); a job submitted twice does that."""
+    run = tmp_path / "busy"
+    first = subprocess.Popen(
+        distsent_command(1, "train", *TINY, "train.max_steps=100000", "train.log_every_steps=1", f"output_dir={run}"),
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_step(run, 3, first)
+        second = run_cli("train", *TINY, "train.max_steps=2", f"output_dir={run}", check=False)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"output_dir={run}: another run is training there (pid {first.pid} on" in second.stderr
+        assert not list(run.glob("*.before-*")), "the refused run moved the running one's files"
+        assert first.poll() is None, "the refused run stopped the running one"
+    finally:
+        kill_process_tree(first)
+    # The kernel drops a killed holder's lock: the folder is free again, no stale lock file.
+    run_cli("train", *TINY, "train.max_steps=2", f"output_dir={run}")
 
 
 def test_changed_data_or_precision_is_refused_on_resume(tmp_path):

@@ -12,8 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from distsent.preemption import EXIT_PREEMPTED
 from tests.conftest import REPO, TINY, cli_env, read_summary, run_captured, run_cli
-from tests.test_resume import distsent_command, wait_for_step
+from tests.test_resume import distsent_command, train_losses, wait_for_step
 from tests.wandb_offline import read_offline_run
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
@@ -107,4 +108,53 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]
     steps = [row["_step"] for run in runs for row in run["history"] if "train/loss" in row]
     assert steps[-1] == 30 and read_summary(out)["global_step"] == 30
+    assert_no_secret(out)
+
+
+def test_sigterm_to_the_whole_job_still_checkpoints_with_wandb_on(tmp_path):
+    """Slurm's requeue, preemption and scancel signal every process of the job, wandb's own
+    background process too, which dies of it. The next W&B call then fails; the run must
+    still write its preemption checkpoint and exit 75, not crash with a W&B traceback."""
+    out = tmp_path / "requeued"
+    marker = tmp_path / "preempted.json"
+    args = ["train", *TINY, *WANDB, "train.max_steps=400", "train.log_every_steps=1", f"output_dir={out}"]
+    process = subprocess.Popen(
+        distsent_command(1, *args),
+        cwd=REPO,
+        env={**wandb_env(), "DISTSENT_PREEMPTED_FILE": str(marker)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_step(out, 5, process)
+    job = psutil.Process(process.pid)
+    descendants = job.children(recursive=True)
+    assert any("wandb" in " ".join(c.cmdline()) for c in descendants)
+    # As slurmstepd does: every process of the step, whatever its process group or session.
+    for member in (job, *descendants):
+        member.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == EXIT_PREEMPTED, output[-4000:]
+    assert "Traceback" not in output, output[-4000:]
+    assert json.loads(marker.read_text())["exit_code"] == EXIT_PREEMPTED
+    stopped_at = max(step for step, _ in train_losses(out))
+    assert (out / "checkpoints" / f"step-{stopped_at:08d}").is_dir(), sorted((out / "checkpoints").iterdir())
+    assert "W&B stopped working" in output
+
+
+def test_unreachable_wandb_server_logs_offline_instead(tmp_path):
+    """No network (or a wrong key) must not cost the training job: W&B falls back to offline."""
+    out = tmp_path / "no_network"
+    env = {
+        **wandb_env(),
+        "WANDB_MODE": "online",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens on the discard port
+        "WANDB_INIT_TIMEOUT": "10",
+    }
+    result = run_cli("train", *TINY, *WANDB, "train.max_steps=6", f"output_dir={out}", env=env)
+    assert "W&B could not start (CommError" in result.stderr and "logging offline instead" in result.stderr
+    (offline,) = offline_runs(out)
+    run = read_offline_run(offline)
+    assert [row["_step"] for row in run["history"] if "train/loss" in row] == [5, 6]
+    assert run["config"]["run"]["world_size"] == 1 and run["config"]["run"]["mixed_precision"] == "no"
     assert_no_secret(out)

@@ -19,7 +19,8 @@ distsent_run_on_nodes() {
     local head_node
     head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
     # A port per job, so jobs sharing a node do not collide.
-    local port=$(( 20000 + SLURM_JOB_ID % 20000 ))
+    # Below Linux's ephemeral range (32768-60999), where outgoing connections take theirs.
+    local port=$(( 10000 + SLURM_JOB_ID % 20000 ))
     local marker="$repo/.distsent-preempted-$SLURM_JOB_ID"
     rm -f "$marker"
     export DISTSENT_PREEMPTED_FILE="$marker"
