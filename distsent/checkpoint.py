@@ -288,6 +288,23 @@ def verify_no_arbitrary_pickles(path: Path) -> None:
             ) from error
 
 
+def verify_random_state(path: Path, process_index: int) -> None:
+    """Refuse a checkpoint without a readable RNG state for this rank. accelerate skips one it
+    cannot load with an INFO line, and the resumed run then draws other dropout masks and
+    data than an uninterrupted one: a resume that is silently not exact."""
+    from accelerate.utils import RNG_STATE_NAME
+    from accelerate.utils.other import load
+
+    state_file = path / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        load(state_file, map_location="cpu")
+    except Exception as error:  # missing, truncated, not a pickle
+        raise CheckpointError(
+            f"{state_file}: this rank's random state cannot be read ({type(error).__name__}); "
+            "resuming without it would not be exact"
+        ) from error
+
+
 def _deepspeed_safe_globals() -> list:
     """Plain-data classes DeepSpeed pickles into its checkpoints (enums and loss-scaler state)."""
     try:
@@ -352,6 +369,7 @@ def archive_previous_run(output_dir: Path) -> list[Path]:
 def load_checkpoint(accelerator, path: Path) -> None:
     """Restore model, optimizer, grad scaler and this rank's RNG state from `path`. Collective."""
     verify_no_arbitrary_pickles(path)
+    verify_random_state(path, accelerator.process_index)
     try:
         accelerator.load_state(str(path))
     except Exception as error:

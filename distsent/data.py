@@ -138,6 +138,9 @@ def _read_hub(cfg: DataConfig, split: str) -> Rows:
     return Rows(list(dataset[cfg.text_column]), list(labels), [f"{where}#{i + 1}" for i in range(len(labels))], where)
 
 
+CSV_FIELD_LIMIT = 1 << 30
+
+
 def _decode(raw: bytes) -> str:
     # surrogateescape keeps undecodable bytes visible per row instead of failing the file.
     return raw.decode("utf-8-sig", errors="surrogateescape")
@@ -148,6 +151,8 @@ def _has_undecodable(text: str) -> bool:
 
 
 def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
+    # The csv module's default field limit (128 KiB) is shorter than some reviews.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     text = _decode(path.read_bytes())
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_SUFFIXES[path.suffix.lower()])
     if cfg.has_header:
@@ -160,12 +165,25 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     text_at, label_at = header.index(cfg.text_column), header.index(cfg.label_column)
     texts, labels, origins = [], [], []
     line = reader.line_num
-    for row in reader:
-        origin = f"{path}:{line + 1}"
-        line = reader.line_num
+    while True:
+        try:
+            row = next(reader, None)
+        except csv.Error as error:
+            raise DataError(f"{path}:{line + 1}: unreadable row ({error})") from error
+        if row is None:
+            break
+        first, line = line + 1, reader.line_num
+        origin = f"{path}:{first}"
         if not row:
             continue
         if len(row) != len(header):
+            if line > first + 1:
+                # An unbalanced quote swallows every line up to the next quote; skipping that
+                # "one row" would drop them all without a word.
+                raise DataError(
+                    f"{origin}: a quoted field runs on to line {line} and the row has {len(row)} fields, "
+                    f"not {len(header)}; is a quote unbalanced?"
+                )
             bad.report(origin, f"malformed row: expected {len(header)} fields ({', '.join(header)}), found {len(row)}")
             continue
         texts.append(row[text_at])
@@ -224,6 +242,10 @@ def _require_columns(path: Path, columns: list[str], cfg: DataConfig, names: Set
     for key, column in ((names.text_column, cfg.text_column), (names.label_column, cfg.label_column)):
         if column not in columns:
             raise DataError(f"{path}: no column {column!r} ({key}); columns are {columns}")
+        if columns.count(column) > 1:
+            raise DataError(
+                f"{path}: {columns.count(column)} columns are named {column!r} ({key}); which one is meant?"
+            )
 
 
 def read_file(path_text: str, cfg: DataConfig, bad: BadRows) -> Rows:
@@ -273,7 +295,11 @@ def _clean_and_filter(
             continue
         # `"text", positive` in a CSV: the label is `positive`, not ` positive`.
         label = label.strip() if isinstance(label, str) else label
-        label_text = "" if label is None else str(label)
+        if isinstance(label, (list, dict)):
+            bad.report(origin, f"malformed row: the label {label!r} is not one value")
+            continue
+        # JSON's NaN (Python's json reads it) is no label, as null is none.
+        label_text = "" if label is None or (isinstance(label, float) and math.isnan(label)) else str(label)
         if _has_undecodable(label_text):
             bad.report(origin, "undecodable bytes in the label column: not UTF-8 text")
             continue
@@ -398,6 +424,12 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
         # A dropped label is no class of the model (listed by name or by its integer).
         dropped_names = {label_key(entry, cfg.labels) for entry in dropped_labels}
         label_names = [name for name in label_names if name not in dropped_names]
+    if len(label_names) < 2:
+        # One class trains a model that cannot be wrong; its metrics would read as perfect.
+        raise DataError(
+            f"{raw['train'].where}: the training data has {len(label_names)} class(es) {label_names}; "
+            f"a classifier needs at least 2 (is {cfg.label_column} the label column?)"
+        )
     texts, labels = {}, {}
     for split, rows in raw.items():
         texts[split], labels[split] = _to_ids(rows, label_names, bad, cfg.labels)

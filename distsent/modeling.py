@@ -57,10 +57,23 @@ def resolve_model_source(name: str) -> str:
 def build_tokenizer(cfg: ModelConfig):
     """The model's tokenizer; loaded first, so an unknown or unreachable model stops here."""
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_source(cfg.name), revision=cfg.revision)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(cfg.name), revision=cfg.revision)
     except OSError as error:  # no such local folder, and the Hub unreachable or without it
         reason = " ".join(str(error).split("\n")[:1])
         raise ConfigError(f"model.name={cfg.name}: cannot load it ({reason})") from error
+    require_vocabulary(tokenizer, f"model.name={cfg.name}")
+    return tokenizer
+
+
+def require_vocabulary(tokenizer, where: str) -> None:
+    """Refuse a tokenizer that knows only its special tokens. transformers builds one for a
+    model folder whose tokenizer files are missing, and every word then becomes [UNK]:
+    training and predictions would run, on nothing."""
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise ConfigError(
+            f"{where}: its tokenizer knows only its {len(tokenizer)} special tokens; "
+            "are the tokenizer files (tokenizer.json, vocab.txt, ...) missing from the folder?"
+        )
 
 
 def tiny_bert_config(vocab_size: int) -> BertConfig:
@@ -328,7 +341,12 @@ def load_classifier(directory: str | Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(directory)
     head = getattr(config, "distsent_head", "cls")
     if head == "cls":
-        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(directory, output_loading_info=True)
+        # transformers fills a missing head with random weights and a warning: predictions
+        # from it would look fine and mean nothing.
+        missing_head = [key for key in loading["missing_keys"] if key.split(".")[0] in ("classifier", "score")]
+        if missing_head:
+            raise ConfigError(f"{directory}: the weights have no classifier ({', '.join(missing_head)} missing)")
         use_first_token_last_layer(model)
         return model
     encoder = bare_encoder(config, directory)

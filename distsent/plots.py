@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from distsent.checkpoint import CheckpointError  # noqa: E402
 from distsent.tracking import METRICS_FILE  # noqa: E402
 
 PREDICTIONS_FILE = "validation_predictions.json"
@@ -29,7 +30,17 @@ def read_events(output_dir: Path) -> list[dict]:
     path = output_dir / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics to plot (is {output_dir} a distsent run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    events = []
+    for number, line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == lines[-1][0]:
+                break  # a run killed mid-write leaves its last line cut off; the resume drops it too
+            # As the resume says it (rollback_history): the same file, the same fix.
+            raise CheckpointError(f"{path}:{number}: not a JSON event ({error.msg}); fix or remove the line") from error
+    return events
 
 
 def learning_curves(events: list[dict], target: Path, metric: str) -> Path:

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from distsent.checkpoint import EXPORT_CONFIG_NAME
 from distsent.config import ConfigError, DataConfig, config_from_dict, read_yaml
 from distsent.data import clean_text, encode_texts
-from distsent.modeling import label_names_of, load_classifier, probabilities
+from distsent.modeling import label_names_of, load_classifier, probabilities, require_vocabulary
 
 
 class Predictor:
@@ -24,8 +25,16 @@ class Predictor:
                 f"--model {model_dir}: not an exported model (no config.json); give a run's best/ or final/"
             )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_classifier(model_dir).to(self.device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = load_classifier(model_dir)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing or damaged files
+            if isinstance(error, ConfigError):
+                raise
+            reason = str(error).strip().split("\n")[0]
+            raise ConfigError(f"--model {model_dir}: cannot load it ({type(error).__name__}: {reason})") from error
+        require_vocabulary(self.tokenizer, f"--model {model_dir}")
+        self.model = model.to(self.device).eval()
         self.label_names = label_names_of(self.model.config)
         if len(self.label_names) < 2:
             # One output and one name: a regression or one-label sigmoid model from elsewhere.

@@ -225,6 +225,47 @@ def test_bad_data_names_the_problem_and_keeps_earlier_exports(
     assert (tiny_export.parent / "config.yaml").read_bytes() == config_before, "the refused run's config replaced it"
 
 
+def test_an_unbalanced_quote_is_named_even_in_skip_mode(tmp_path):
+    """A stray quote swallows every line up to the next one: skipping that "one row" once
+    dropped 990 of 999 rows. And a field longer than the csv module's 128 KiB default (a
+    long review, or a quote that never closes) once raised a traceback naming no file."""
+    stray = GOOD.replace("fine text 10,neg\n", '"fine text 10,neg\n')
+    path = write(tmp_path / "stray.csv", stray)
+    for mode in ("error", "skip"):
+        with pytest.raises(
+            DataError, match=r"stray.csv:12: a quoted field runs on to line 41 .* is a quote unbalanced"
+        ):
+            load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", f"data.bad_rows={mode}"))
+    long_review = write(tmp_path / "long.csv", GOOD + f"{'very ' * 40_000}long,pos\n")
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={long_review}"))
+    assert sum(splits.sizes().values()) == 41
+
+
+def test_a_column_named_twice_is_refused(tmp_path):
+    twice = write(tmp_path / "twice.csv", "text,text,label\n" + "".join(f"a{i},b{i},pos\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"twice.csv: 2 columns are named 'text' \(data.text_column\)"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={twice}"))
+
+
+def test_labels_that_are_no_class_are_refused(tmp_path):
+    """A JSON NaN or list label once became a class of its own ("nan", "['negative']"), and
+    one class trained a model that cannot be wrong (accuracy 1.0)."""
+    rows = [{"text": f"fine text {i}", "label": "pos" if i % 2 else "neg"} for i in range(20)]
+    nan_label = write(
+        tmp_path / "nan.jsonl", "".join(json.dumps(r) + "\n" for r in rows) + '{"text": "odd", "label": NaN}\n'
+    )
+    with pytest.raises(DataError, match=r"nan.jsonl:21: empty label"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={nan_label}"))
+    listed = write(
+        tmp_path / "list.jsonl", "".join(json.dumps(r) + "\n" for r in [*rows, {"text": "x", "label": ["neg"]}])
+    )
+    with pytest.raises(DataError, match=r"list.jsonl:21: malformed row: the label \['neg'\] is not one value"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={listed}"))
+    one_class = write(tmp_path / "one.csv", "text,label\n" + "".join(f"text {i},pos\n" for i in range(20)))
+    with pytest.raises(DataError, match=r"one.csv: the training data has 1 class\(es\) \['pos'\]"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_class}"))
+
+
 def test_bad_rows_skip_mode_counts_them(tmp_path):
     path = write(tmp_path / "mixed.csv", GOOD.encode() + b"caf\xe9,pos\nx,y,z\n")
     splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", "data.bad_rows=skip"))

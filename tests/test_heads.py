@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from distsent.config import load_config
@@ -165,6 +165,27 @@ def test_predict_refuses_models_it_cannot_read_in_one_line(tmp_path):
     refused = run_cli("predict", "--model", str(headless), "a fine film", check=False)
     assert refused.returncode == 2 and "distsent_head.safetensors is missing" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr
+    # A damaged export: one line naming it, not a traceback, and never a random head.
+    damaged = tmp_path / "damaged"
+    build_model(cfg.model, ["negative", "positive"], len(tokenizer)).save_pretrained(damaged)
+    tokenizer.save_pretrained(damaged)
+    weights = load_file(str(damaged / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("classifier.")}, str(damaged / "model.safetensors"))
+    refused = run_cli("predict", "--model", str(damaged), "a fine film", check=False)
+    assert refused.returncode == 2 and "the weights have no classifier (classifier." in refused.stderr, refused.stderr
+    (damaged / "model.safetensors").write_bytes(b"\x08\x00\x00")
+    refused = run_cli("predict", "--model", str(damaged), "a fine film", check=False)
+    assert refused.returncode == 2 and f"--model {damaged}: cannot load it" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    # Without its tokenizer files transformers makes a tokenizer of special tokens only, and
+    # every word is [UNK]: refused, where it once predicted and trained on nothing.
+    untokenized = tmp_path / "untokenized"
+    build_model(cfg.model, ["negative", "positive"], len(tokenizer)).save_pretrained(untokenized)
+    for command in (["predict", "--model", str(untokenized), "a fine film"], ["train", f"model.name={untokenized}"]):
+        refused = run_cli(*command, check=False)
+        assert refused.returncode == 2 and "its tokenizer knows only its 5 special tokens" in refused.stderr, (
+            refused.stderr
+        )
 
 
 @pytest.mark.parametrize("name", list(HEADS))

@@ -232,11 +232,22 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     assert "written by a different run" in foreign.stderr and "train.batch_size" in foreign.stderr
 
     state_file = checkpoint / "training_state.json"
+    state = state_file.read_text()
     state_file.write_text("{not json")
     corrupt = run_cli(
         "train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={checkpoint}", check=False
     )
     assert corrupt.returncode != 0 and "training_state.json" in corrupt.stderr
+
+    # Without its random state a resume draws other masks and data: not exact, so refused
+    # (accelerate alone skips an unreadable one with an INFO line).
+    state_file.write_text(state)
+    (checkpoint / "random_states_0.pkl").write_bytes(b"\x80\x04trunc")
+    truncated = run_cli(
+        "train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={checkpoint}", check=False
+    )
+    assert truncated.returncode == 2, truncated.stderr[-3000:]
+    assert "random_states_0.pkl: this rank's random state cannot be read" in truncated.stderr
 
 
 def test_pickled_objects_are_refused(tmp_path):

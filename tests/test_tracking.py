@@ -158,3 +158,15 @@ def test_unreachable_wandb_server_logs_offline_instead(tmp_path):
     assert [row["_step"] for row in run["history"] if "train/loss" in row] == [5, 6]
     assert run["config"]["run"]["world_size"] == 1 and run["config"]["run"]["mixed_precision"] == "no"
     assert_no_secret(out)
+
+
+def test_report_reads_the_cut_off_line_a_killed_run_leaves(tmp_path):
+    from distsent.checkpoint import CheckpointError
+    from distsent.plots import read_events
+
+    history = tmp_path / "metrics.jsonl"
+    history.write_text('{"event": "train", "step": 5, "loss": 0.7}\n{"event": "train", "st')
+    assert read_events(tmp_path) == [{"event": "train", "step": 5, "loss": 0.7}]
+    history.write_text('{"event": "train", "step": 5, "loss": 0.7}\nnot json\n{"event": "train", "step": 10}\n')
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: not a JSON event"):
+        read_events(tmp_path)
