@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -50,6 +51,8 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError(
             "predict: give texts, or --file with one text per line (or a CSV/TSV/JSONL and --text-column)"
         )
+    if args.file and args.output:
+        _refuse_overwriting_input(Path(args.output), Path(args.file), "--output", "--file")
     predictor = Predictor(args.model)
     texts = list(args.texts)
     if args.file:
@@ -110,6 +113,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from distsent.predict import Predictor
 
     data = Path(args.data)
+    if args.misclassified:
+        _refuse_overwriting_input(Path(args.misclassified), data, "--misclassified", "--data")
     predictor = Predictor(args.model)
     settings = _file_settings(predictor.data, data, args.text_column, args.label_column, args.header)
     cfg = dataclasses.replace(settings, bad_rows=args.bad_rows)
@@ -117,6 +122,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate_file(predictor, cfg, misclassified)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _refuse_overwriting_input(output: Path, source: Path, output_flag: str, source_flag: str) -> None:
+    """The results file must not replace the file they come from."""
+    if output.exists() and source.exists() and output.resolve() == source.resolve():
+        raise ConfigError(f"{output_flag} {output} is the {source_flag} file; writing there would replace it")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -257,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     """The command's exit code; errors a user can fix become a message and EXIT_USAGE."""
+    from safetensors import SafetensorError
+
     from distsent.checkpoint import CheckpointError
     from distsent.data import DataError
 
@@ -268,6 +281,22 @@ def _run_command(args: argparse.Namespace) -> int:
         return _user_error("checkpoint", error)
     except DataError as error:
         return _user_error("data", error)
+    except OSError as error:
+        if error.errno not in DISK_ERRORS:
+            raise
+        # A full disk or a read-only folder is the machine's state, not a bug: one line.
+        print(f"distsent: disk error: {error.strerror}: {error.filename or ''}", file=sys.stderr)
+        return 1
+    except SafetensorError as error:
+        # safetensors reports a full disk as its own error, with the OS's words inside.
+        if "os error" not in str(error):
+            raise
+        print(f"distsent: disk error: {error}", file=sys.stderr)
+        return 1
+
+
+# What a full disk, a quota, a file-size limit or a read-only folder raise.
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
 
 
 def _user_error(kind: str, error: Exception) -> int:

@@ -96,13 +96,18 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
         }
         staging = staging_dir(target)
         staging.parent.mkdir(parents=True, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        save_config(cfg, staging / EXPORT_CONFIG_NAME)
-        title = f"{target.parent.name}/{target.name}"
-        write_model_card(staging, title, cfg, label_names_of(unwrapped.config), metrics)
-        (staging / EXPORT_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        try:
+            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+            unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            save_config(cfg, staging / EXPORT_CONFIG_NAME)
+            title = f"{target.parent.name}/{target.name}"
+            write_model_card(staging, title, cfg, label_names_of(unwrapped.config), metrics)
+            (staging / EXPORT_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
+        except Exception:
+            # A full disk, say: the half-written copy would hold the space until the next run.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         replace_directory(staging, target)
     # No rank moves on (or exits) before the export is complete on disk.
     accelerator.wait_for_everyone()
@@ -233,6 +238,12 @@ def resolve_resume(mode: str, output_dir: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"train.resume={mode}: no such checkpoint folder")
     if not (path / COMPLETE_MARKER).is_file():
+        if not (path / STATE_FILE).is_file():
+            # An export, a run folder, checkpoints/ itself: point at what resume takes.
+            raise CheckpointError(
+                f"train.resume={mode}: not a distsent checkpoint (no {STATE_FILE}); give a folder "
+                f"{CHECKPOINTS_DIR}/{STEP_PREFIX}NNNNNNNN of a run, or train.resume=auto"
+            )
         raise CheckpointError(
             f"train.resume={mode}: incomplete checkpoint (no {COMPLETE_MARKER} marker); its write was interrupted"
         )

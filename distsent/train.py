@@ -180,6 +180,13 @@ def train(cfg: Config) -> dict:
         for lock, age in stale_build_locks():
             log.warning(describe_stale_lock(lock, age))
     accelerator = build_accelerator(cfg, info)
+    if cfg.train.early_stopping_patience and not (cfg.train.eval_every_epoch or cfg.train.eval_every_steps):
+        if accelerator.is_main_process:
+            log.warning(
+                "train.early_stopping_patience=%d never fires: the run validates only after its last step "
+                "(set train.eval_every_steps or train.eval_every_epoch=true)",
+                cfg.train.early_stopping_patience,
+            )
     watcher = PreemptionWatcher(cfg.checkpoint.signals)
     run_logger = None
     preempted = False

@@ -55,6 +55,16 @@ def test_yaml_errors_name_the_file(tmp_path: Path):
     path.write_text("train:\n  lr: fast\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: train.lr must be a number"):
         load_config(path)
+    # Broken YAML: one line with the file, line and column (PyYAML's own message spans seven).
+    path.write_text("train:\n  lr: 1e-5\n   batch_size: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:3:\d+: not valid YAML \(") as error:
+        load_config(path)
+    assert "\n" not in str(error.value)
+    path.write_bytes(b"\xff\xfe not text")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8 text"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"config file .* is a folder"):
+        load_config(tmp_path)
 
 
 def test_parse_override_types():

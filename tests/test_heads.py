@@ -120,6 +120,15 @@ def check_cli_errors_name_flags(export: Path, heldout_file: Path, tmp_path: Path
     no_column = run_cli("predict", "--model", str(export), "--file", str(with_neutral), check=False)
     assert no_column.returncode == 2
     assert "no column 'text' (--text-column)" in no_column.stderr
+    # Results never replace the file they come from.
+    original = with_neutral.read_bytes()
+    for command in (
+        ("predict", "--model", str(export), "--file", str(with_neutral), "--output", str(with_neutral)),
+        (*evaluate, "--bad-rows", "skip", "--misclassified", str(with_neutral)),
+    ):
+        refused = run_cli(*command, check=False)
+        assert refused.returncode == 2 and "would replace it" in refused.stderr, refused.stderr
+    assert with_neutral.read_bytes() == original
     # predict has no --bad-rows: a malformed row points at how the file is read instead.
     ragged = tmp_path / "ragged.csv"
     ragged.write_text('text\na fine film\n"a film","with, a spare field"\n')
@@ -337,3 +346,17 @@ def test_class_weights_and_early_stopping_target(tmp_path):
     summary = read_summary(out)
     assert summary["global_step"] == 4 and "reached the target" in summary["stopped_early"]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_early_stopping_that_cannot_fire_is_said(tmp_path):
+    """Without periodic validation the run validates once, after its last step: patience
+    could never run out, and the user would believe early stopping guards the run."""
+    result = run_cli(
+        "train",
+        *TINY,
+        "train.max_steps=2",
+        "train.eval_every_epoch=false",
+        "train.early_stopping_patience=2",
+        f"output_dir={tmp_path / 'never'}",
+    )
+    assert "train.early_stopping_patience=2 never fires" in result.stderr + result.stdout

@@ -231,6 +231,11 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     assert foreign.returncode != 0
     assert "written by a different run" in foreign.stderr and "train.batch_size" in foreign.stderr
 
+    export = run_cli(
+        "train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={run / 'final'}", check=False
+    )
+    assert export.returncode == 2 and "not a distsent checkpoint (no training_state.json)" in export.stderr
+
     state_file = checkpoint / "training_state.json"
     state = state_file.read_text()
     state_file.write_text("{not json")
@@ -457,3 +462,33 @@ def test_a_torn_last_history_line_is_dropped_on_resume(tmp_path):
     metrics.write_text(events[0] + "\n{broken\n" + events[1] + "\n")
     with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: not a JSON object"):
         rollback_history(tmp_path, 10)
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
+    """A write the OS refuses (here a file-size limit, as a full disk or quota would): one
+    line and a non-zero exit, the earlier run's export kept, no half-written copy left."""
+    import resource
+
+    run = tmp_path / "full"
+    run_cli("train", *TINY, "train.max_steps=2", f"output_dir={run}")
+    before = (run / "best" / "model.safetensors").read_bytes()
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "distsent", "train", *TINY, "train.max_steps=2", f"output_dir={run}"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "distsent: disk error:" in result.stderr and "File too large" in result.stderr
+    assert "Traceback" not in result.stderr
+    (kept,) = run.glob("best.before-*")
+    assert (kept / "model.safetensors").read_bytes() == before
+    assert not list(run.glob(".*.tmp-*")), "a half-written export was left behind"
