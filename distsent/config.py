@@ -31,7 +31,21 @@ class ConfigError(ValueError):
 
 class _Yaml12Loader(yaml.SafeLoader):
     """YAML with 1.2 booleans and floats: `no`/`off` stay strings (`mixed_precision: no`)
-    and `3e-5` is a number, as users mean them."""
+    and `3e-5` is a number, as users mean them. A key given twice in one mapping is an
+    error, where PyYAML keeps the last without a word (an `lr` edited in one place only)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # PyYAML's own check below names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {

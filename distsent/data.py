@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -18,9 +19,12 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow
 from sklearn.model_selection import train_test_split
 
 from distsent.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_SOURCES = ("rotten_tomatoes", "imdb")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
@@ -290,8 +294,11 @@ def _clean_and_filter(
     dropped = {"multi-label": 0, "listed label": 0, "duplicate text": 0}
     seen: set[str] = set()
     for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
-        if not isinstance(text, str) or _has_undecodable(text):
-            bad.report(origin, "undecodable or non-text value in the text column: not UTF-8 text")
+        if not isinstance(text, str):
+            bad.report(origin, f"non-text value in the text column: {text!r}")
+            continue
+        if _has_undecodable(text):
+            bad.report(origin, "undecodable bytes in the text column: not UTF-8 text")
             continue
         # `"text", positive` in a CSV: the label is `positive`, not ` positive`.
         label = label.strip() if isinstance(label, str) else label
@@ -520,7 +527,28 @@ def tokenize(
         cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "distsent-tokenized"
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache = {"cache_file_name": str(cache_dir / f"{fingerprint}.arrow"), "new_fingerprint": fingerprint}
+    try:
+        tokenized = dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"], **cache)
+        problem = None if _is_whole(tokenized, len(texts)) else "rows missing or cut short"
+    except (pyarrow.ArrowInvalid, OSError) as error:
+        if not cache:
+            raise
+        problem = str(error)
+    if problem is None:
+        return tokenized
+    # A cache file cut short (a machine crash: datasets renames it into place unsynced) loads
+    # as an error naming no file, or as silently empty rows, in every later run on this data.
+    damaged = Path(cache["cache_file_name"])
+    log.warning("%s: damaged tokenised cache (%s); tokenising again", damaged, problem)
+    damaged.unlink(missing_ok=True)
     return dataset.map(encode, batched=True, batch_size=1000, remove_columns=["text"], **cache)
+
+
+def _is_whole(tokenized: datasets.Dataset, count: int) -> bool:
+    """Every row there, each with as many ids as its recorded length."""
+    if len(tokenized) != count:
+        return False
+    return all(len(ids) == length for ids, length in zip(tokenized["input_ids"], tokenized["length"], strict=True))
 
 
 def tokenized_fingerprint(texts: list[str], labels: list[int], tokenizer, cfg: DataConfig) -> str:

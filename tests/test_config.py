@@ -60,6 +60,9 @@ def test_yaml_errors_name_the_file(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"bad.yaml:3:\d+: not valid YAML \(") as error:
         load_config(path)
     assert "\n" not in str(error.value)
+    path.write_text("train:\n  lr: 1e-5\n  batch_size: 8\n  lr: 2e-5\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:4:3: not valid YAML \(key 'lr' appears twice\)"):
+        load_config(path)
     path.write_bytes(b"\xff\xfe not text")
     with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8 text"):
         load_config(path)

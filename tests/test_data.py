@@ -176,6 +176,13 @@ def test_tokenised_splits_are_cached_by_fingerprint(tmp_path, monkeypatch):
     off = load_config(None, ["model.name=tiny-bert", "data.cache_tokenized=false", "data.max_length=9"]).data
     tokenize(texts, labels, tokenizer, off)
     assert len(list((tmp_path / "distsent-tokenized").glob("*.arrow"))) == 2
+    # A cache file cut short (a crash before it reached the disk) is tokenised again, not a
+    # failure of every later run naming no file.
+    expected = list(first["input_ids"])  # read before the file under it is cut
+    cached = tmp_path / "distsent-tokenized" / f"{base}.arrow"
+    for size in (100, 600):  # fails to load; loads as empty rows
+        cached.write_bytes(cached.read_bytes()[:size])
+        assert list(tokenize(texts, labels, tokenizer, cfg.data)["input_ids"]) == expected
 
 
 def write(path: Path, content: bytes | str) -> Path:
@@ -261,6 +268,11 @@ def test_labels_that_are_no_class_are_refused(tmp_path):
     )
     with pytest.raises(DataError, match=r"list.jsonl:21: malformed row: the label \['neg'\] is not one value"):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={listed}"))
+    number = write(
+        tmp_path / "number.jsonl", "".join(json.dumps(r) + "\n" for r in [*rows, {"text": 5, "label": "neg"}])
+    )
+    with pytest.raises(DataError, match=r"number.jsonl:21: non-text value in the text column: 5"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={number}"))
     one_class = write(tmp_path / "one.csv", "text,label\n" + "".join(f"text {i},pos\n" for i in range(20)))
     with pytest.raises(DataError, match=r"one.csv: the training data has 1 class\(es\) \['pos'\]"):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_class}"))
