@@ -168,7 +168,7 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
         kwargs_handlers=kwargs_handlers,
         dynamo_plugin=dynamo_plugin,
     )
-    variable = LAUNCHER_VARIABLES["gradient_accumulation_steps"][1]
+    variable = LAUNCH_FLAG_SETTINGS["gradient_accumulation_steps"][1]
     if not info.use_deepspeed and accelerator.gradient_accumulation_steps != cfg.train.grad_accum_steps:
         # accelerate prefers the environment's value to the one passed: the batch plan,
         # epochs and banner would then describe another run than the one trained.
@@ -218,7 +218,7 @@ def model_construction_context(accelerator):
 
 # DeepSpeed settings that `accelerate launch` flags set through the environment:
 # (flag, variable, the run config's key that decides instead).
-LAUNCHER_VARIABLES = {
+LAUNCH_FLAG_SETTINGS = {
     "gradient_accumulation_steps": (
         "--gradient_accumulation_steps",
         "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
@@ -251,7 +251,7 @@ def _reconcile(section: dict, key: str, value, where: str | None = None) -> None
     if current == "auto":
         section[key] = value
     elif current != value:
-        flag = LAUNCHER_VARIABLES.get(key)
+        flag = LAUNCH_FLAG_SETTINGS.get(key)
         if flag and flag[1] in os.environ:
             # accelerate copies its launch flag into the DeepSpeed config, over the JSON's "auto".
             raise ConfigError(
