@@ -371,7 +371,7 @@ def test_a_second_run_in_a_busy_folder_is_refused_and_a_killed_one_leaves_no_loc
         assert first.poll() is None, "the refused run stopped the running one"
     finally:
         kill_process_tree(first)
-    # The kernel drops a killed holder's lock: the folder is free again, no stale lock file.
+    # The kernel drops a killed holder's lock: its lock file stays, and the folder is free again.
     run_cli("train", *TINY, "train.max_steps=2", f"output_dir={run}")
 
 
