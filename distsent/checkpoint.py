@@ -335,24 +335,29 @@ def rollback_history(output_dir: Path, step: int) -> int:
     path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return 0
-    lines = path.read_text().splitlines()
-    kept = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):  # cut off by the kill that stopped the run
-                log.warning("%s:%d: dropped an incomplete last line", path, number)
-                continue
-            raise CheckpointError(f"{path}:{number}: not a JSON object ({error}); fix or remove the line") from error
-        if event.get("step", 0) <= step:
-            kept.append(line)
+    events, torn_line = read_history(path)
+    if torn_line is not None:
+        log.warning("%s:%d: dropped an incomplete last line", path, torn_line)
+    kept = [line for line, event in events if event.get("step", 0) <= step]
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text("".join(f"{line}\n" for line in kept))
     staging.replace(path)
-    return len(lines) - len(kept)
+    return len(events) + (torn_line is not None) - len(kept)
+
+
+def read_history(path: Path) -> tuple[list[tuple[str, dict]], int | None]:
+    """A metrics.jsonl's events, each with its line, and the number of its last line if a
+    kill cut it off mid-write (left out). Any other unreadable line is an error naming it."""
+    numbered = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    events = []
+    for number, line in numbered:
+        try:
+            events.append((line, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number == numbered[-1][0]:
+                return events, number
+            raise CheckpointError(f"{path}:{number}: not a JSON object ({error}); fix or remove the line") from error
+    return events, None
 
 
 def archive_previous_run(output_dir: Path) -> list[Path]:

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from distsent.checkpoint import CheckpointError  # noqa: E402
+from distsent.checkpoint import read_history  # noqa: E402
 from distsent.tracking import METRICS_FILE  # noqa: E402
 
 PREDICTIONS_FILE = "validation_predictions.json"
@@ -30,17 +30,9 @@ def read_events(output_dir: Path) -> list[dict]:
     path = output_dir / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics to plot (is {output_dir} a distsent run folder?)")
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
-    events = []
-    for number, line in lines:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == lines[-1][0]:
-                break  # a run killed mid-write leaves its last line cut off; the resume drops it too
-            # As the resume says it (rollback_history): the same file, the same fix.
-            raise CheckpointError(f"{path}:{number}: not a JSON event ({error.msg}); fix or remove the line") from error
-    return events
+    # Read as the resume reads it: a last line cut off by a kill is left out.
+    events, _ = read_history(path)
+    return [event for _, event in events]
 
 
 def learning_curves(events: list[dict], target: Path, metric: str) -> Path:

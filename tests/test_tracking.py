@@ -168,5 +168,5 @@ def test_report_reads_the_cut_off_line_a_killed_run_leaves(tmp_path):
     history.write_text('{"event": "train", "step": 5, "loss": 0.7}\n{"event": "train", "st')
     assert read_events(tmp_path) == [{"event": "train", "step": 5, "loss": 0.7}]
     history.write_text('{"event": "train", "step": 5, "loss": 0.7}\nnot json\n{"event": "train", "step": 10}\n')
-    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: not a JSON event"):
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: not a JSON object"):
         read_events(tmp_path)
