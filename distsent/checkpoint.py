@@ -256,7 +256,7 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
         payload = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(
-            f"{path}: unreadable {STATE_FILE} ({error}); not a distsent checkpoint or corrupt"
+            f"{path}: unreadable {STATE_FILE} ({error}); not a distsent checkpoint or corrupt{_way_back(path)}"
         ) from error
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -312,7 +312,7 @@ def verify_random_state(path: Path, process_index: int) -> None:
     except Exception as error:  # missing, truncated, not a pickle
         raise CheckpointError(
             f"{state_file}: this rank's random state cannot be read ({type(error).__name__}); "
-            "resuming without it would not be exact"
+            f"resuming without it would not be exact{_way_back(path)}"
         ) from error
 
 
@@ -389,4 +389,19 @@ def load_checkpoint(accelerator, path: Path) -> None:
     try:
         accelerator.load_state(str(path))
     except Exception as error:
-        raise CheckpointError(f"{path}: could not be loaded ({type(error).__name__}: {error})") from error
+        raise CheckpointError(
+            f"{path}: could not be loaded ({type(error).__name__}: {error}){_way_back(path)}"
+        ) from error
+
+
+def _way_back(damaged: Path) -> str:
+    """Where a damaged checkpoint's run can resume instead. Not chosen silently: which
+    checkpoint to trust, and the steps to redo, are the user's call (every rank must also
+    agree on it, and each sees only its own files)."""
+    step = damaged.name.removeprefix(STEP_PREFIX)
+    if not step.isdigit():  # a folder given by path, not one of a run's checkpoints
+        return ""
+    earlier = [path for path in complete_checkpoints(damaged.parent.parent) if _step_of(path) < int(step)]
+    if not earlier:
+        return ""
+    return f"; train.resume={earlier[-1]} resumes from the checkpoint before it (the steps since are redone)"

@@ -29,6 +29,12 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message names the key."""
 
 
+def first_line(error: BaseException) -> str:
+    """The line of a library's error that says what happened; the lines after it are
+    advice and tracebacks that would bury the one-line message we print."""
+    return str(error).strip().split("\n")[0]
+
+
 class _Yaml12Loader(yaml.SafeLoader):
     """YAML with 1.2 booleans and floats: `no`/`off` stay strings (`mixed_precision: no`)
     and `3e-5` is a number, as users mean them. A key given twice in one mapping is an

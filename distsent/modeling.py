@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from distsent.config import ConfigError, ModelConfig
+from distsent.config import ConfigError, ModelConfig, first_line
 from distsent.first_token import use_first_token_last_layer
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ def build_tokenizer(cfg: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(cfg.name), revision=cfg.revision)
     except OSError as error:  # no such local folder, and the Hub unreachable or without it
-        reason = " ".join(str(error).split("\n")[:1])
-        raise ConfigError(f"model.name={cfg.name}: cannot load it ({reason})") from error
+        raise ConfigError(f"model.name={cfg.name}: cannot load it ({first_line(error)})") from error
     require_vocabulary(tokenizer, f"model.name={cfg.name}")
     return tokenizer
 

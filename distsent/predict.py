@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from distsent.checkpoint import EXPORT_CONFIG_NAME
-from distsent.config import ConfigError, DataConfig, config_from_dict, read_yaml
+from distsent.config import ConfigError, DataConfig, config_from_dict, first_line, read_yaml
 from distsent.data import clean_text, encode_texts
 from distsent.modeling import label_names_of, load_classifier, probabilities, require_vocabulary
 
@@ -31,8 +31,9 @@ class Predictor:
         except (OSError, ValueError, RuntimeError, SafetensorError) as error:  # missing or damaged files
             if isinstance(error, ConfigError):
                 raise
-            reason = str(error).strip().split("\n")[0]
-            raise ConfigError(f"--model {model_dir}: cannot load it ({type(error).__name__}: {reason})") from error
+            raise ConfigError(
+                f"--model {model_dir}: cannot load it ({type(error).__name__}: {first_line(error)})"
+            ) from error
         require_vocabulary(self.tokenizer, f"--model {model_dir}")
         self.model = model.to(self.device).eval()
         self.label_names = label_names_of(self.model.config)

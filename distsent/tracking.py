@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distsent.config import Config
+from distsent.config import Config, first_line
 
 log = logging.getLogger("distsent")
 
@@ -165,7 +165,7 @@ class RunLogger:
             log.warning(
                 "W&B stopped working (%s: %s); the run goes on without it, every record is in %s",
                 type(error).__name__,
-                _first_line(error),
+                first_line(error),
                 self.metrics_path,
             )
             self.wandb_run = None
@@ -195,14 +195,14 @@ def _start_wandb(cfg: Config, output_dir: Path, run_id: str | None, run_facts: d
     try:
         return wandb.init(**settings)
     except Exception as error:  # wandb raises its own errors, timeouts and usage errors here
-        log.warning("W&B could not start (%s: %s); logging offline instead", type(error).__name__, _first_line(error))
+        log.warning("W&B could not start (%s: %s); logging offline instead", type(error).__name__, first_line(error))
     try:
         run = wandb.init(**settings, mode="offline")
     except Exception as error:
         log.warning(
             "W&B could not start offline either (%s: %s); the run goes on without it",
             type(error).__name__,
-            _first_line(error),
+            first_line(error),
         )
         return None
     log.warning("W&B logs offline to %s; upload it later with `wandb sync %s`", run.dir, Path(run.dir).parent)
@@ -226,11 +226,6 @@ def _forget_frames(error: BaseException) -> None:
     tensors, until that thread drops it during interpreter shutdown, freeing tensors from a
     thread that may no longer run: the process then aborts instead of exiting 75."""
     error.__traceback__ = None
-
-
-def _first_line(error: Exception) -> str:
-    """wandb's messages run over several lines of advice; the first says what happened."""
-    return str(error).strip().split("\n")[0]
 
 
 def _fmt(value: object) -> str:

@@ -222,17 +222,18 @@ def test_keep_last_never_deletes_best(tmp_path):
 
 def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     run = tmp_path / "base"
-    run_cli("train", *TINY, "train.max_steps=4", "checkpoint.every_steps=2", f"output_dir={run}")
+    # Checkpoints at steps 2 and 4 (the last step is exported, not checkpointed).
+    run_cli("train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", f"output_dir={run}")
     checkpoint = complete_checkpoints(run)[-1]
 
     foreign = run_cli(
-        "train", *TINY, "train.max_steps=4", "train.batch_size=4", f"output_dir={run}", "train.resume=auto", check=False
+        "train", *TINY, "train.max_steps=6", "train.batch_size=4", f"output_dir={run}", "train.resume=auto", check=False
     )
     assert foreign.returncode != 0
     assert "written by a different run" in foreign.stderr and "train.batch_size" in foreign.stderr
 
     export = run_cli(
-        "train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={run / 'final'}", check=False
+        "train", *TINY, "train.max_steps=6", f"output_dir={run}", f"train.resume={run / 'final'}", check=False
     )
     assert export.returncode == 2 and "not a distsent checkpoint (no training_state.json)" in export.stderr
 
@@ -240,7 +241,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     state = state_file.read_text()
     state_file.write_text("{not json")
     corrupt = run_cli(
-        "train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={checkpoint}", check=False
+        "train", *TINY, "train.max_steps=6", f"output_dir={run}", f"train.resume={checkpoint}", check=False
     )
     assert corrupt.returncode != 0 and "training_state.json" in corrupt.stderr
 
@@ -249,10 +250,13 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     state_file.write_text(state)
     (checkpoint / "random_states_0.pkl").write_bytes(b"\x80\x04trunc")
     truncated = run_cli(
-        "train", *TINY, "train.max_steps=4", f"output_dir={run}", f"train.resume={checkpoint}", check=False
+        "train", *TINY, "train.max_steps=6", f"output_dir={run}", f"train.resume={checkpoint}", check=False
     )
     assert truncated.returncode == 2, truncated.stderr[-3000:]
     assert "random_states_0.pkl: this rank's random state cannot be read" in truncated.stderr
+    # The message names the checkpoint before the damaged one as the way on.
+    earlier = complete_checkpoints(run)[-2]
+    assert f"train.resume={earlier} resumes from the checkpoint before it" in truncated.stderr
 
 
 def test_pickled_objects_are_refused(tmp_path):
