@@ -142,7 +142,7 @@ class DataConfig:
     lowercase: bool = False
     """Lower-case texts (only useful with a cased tokenizer)."""
     deduplicate: bool = False
-    """Drop exact duplicate texts in the training data (the first occurrence stays)."""
+    """Drop exact duplicate texts in the training data (the first occurrence stays), and training texts that are also validation or test texts."""
     truncation: Literal["head", "head_tail"] = "head"
     """Long texts keep their first tokens (`head`) or their first head_tokens and last tokens (`head_tail`)."""
     head_tokens: int = 128

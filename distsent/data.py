@@ -456,12 +456,43 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
             column["train"] = [source[i] for i in keep]
         splits.notes.append(f"held out a stratified {fraction:.0%} of train as {split} (seed {cfg.split_seed})")
 
+    _separate_held_out(splits, drop=cfg.deduplicate)
     _limit(splits, "train", cfg.max_train_samples, cfg.split_seed)
     _limit(splits, "validation", cfg.max_eval_samples, cfg.split_seed)
     splits.notes.extend(bad.notes())
     if not splits.texts.get("validation"):
         raise DataError("no validation data: set data.validation_fraction > 0 or give a validation file/split")
     return splits
+
+
+def _separate_held_out(splits: LabeledSplits, drop: bool) -> None:
+    """Note validation and test texts that are also training texts (a review posted twice,
+    split files cut from one dump): the model has seen them, so those metrics read higher
+    than accuracy on unseen text. With data.deduplicate the training copies are dropped."""
+    train_texts = set(splits.texts["train"])
+    shared = {
+        split: sum(text in train_texts for text in splits.texts[split])
+        for split in ("validation", "test")
+        if split in splits.texts
+    }
+    if not any(shared.values()):
+        return
+    if not drop:
+        splits.notes.extend(
+            f"{split}: {count} of {len(splits.texts[split])} texts are also training texts, so its metrics "
+            "overstate accuracy on unseen text (data.deduplicate=true drops the training copies)"
+            for split, count in shared.items()
+            if count
+        )
+        return
+    held_out = {text for split in shared for text in splits.texts[split]}
+    keep = [i for i, text in enumerate(splits.texts["train"]) if text not in held_out]
+    if not keep:
+        raise DataError("every training text is also a validation or test text; nothing is left to train on")
+    dropped = len(splits.texts["train"]) - len(keep)
+    for column in (splits.texts, splits.labels):
+        column["train"] = [column["train"][i] for i in keep]
+    splits.notes.append(f"train: dropped {dropped} row(s) whose text is also a validation or test text")
 
 
 def _limit(splits: LabeledSplits, split: str, limit: int | None, seed: int) -> None:

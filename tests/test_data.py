@@ -125,6 +125,23 @@ def test_cleaning_and_duplicates_are_counted(tmp_path):
     assert any("dropped 1 duplicate text" in note for note in splits.notes)
 
 
+def test_validation_texts_seen_in_training_are_counted_or_dropped(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(30)))
+    validation = tmp_path / "validation.csv"
+    validation.write_text("text,label\nreview 3,1\nreview 4,0\nunseen one,1\nunseen two,0\n")
+    files = ["data.dataset=files", f"data.train_file={train}", f"data.validation_file={validation}"]
+
+    kept = load_labeled_splits(data_cfg(*files))
+    assert len(kept.texts["train"]) == 30
+    assert any(note.startswith("validation: 2 of 4 texts are also training texts") for note in kept.notes), kept.notes
+
+    dropped = load_labeled_splits(data_cfg(*files, "data.deduplicate=true"))
+    assert len(dropped.texts["train"]) == 28 and not {"review 3", "review 4"} & set(dropped.texts["train"])
+    assert dropped.texts["validation"] == ["review 3", "review 4", "unseen one", "unseen two"]
+    assert "train: dropped 2 row(s) whose text is also a validation or test text" in dropped.notes
+
+
 def test_head_tail_truncation_keeps_both_ends():
     tokenizer = build_tokenizer(load_config(None, ["model.name=tiny-bert"]).model)
     text = "start " + "middle " * 300 + "verdict"
