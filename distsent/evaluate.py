@@ -107,12 +107,14 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
     rows = read_file(data_cfg.train_file, data_cfg, bad)
     index = {name: i for i, name in enumerate(predictor.label_names)}
     texts, labels, origins = [], [], []
+    read_by_position = False
     for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
         # As training read them: integers index the configured data.labels.
         key = label_key(label, predictor.data.labels or predictor.label_names)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one the model knows ({predictor.label_names})")
             continue
+        read_by_position |= key != str(label).strip()
         texts.append(text)
         labels.append(index[key])
         origins.append(origin)
@@ -137,4 +139,8 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
     write_jsonl(wrong, misclassified_path)
     metrics["skipped_rows"] = sum(bad.skipped.values())
     metrics["misclassified_file"] = str(misclassified_path)
+    if read_by_position and not predictor.data.labels:
+        # The model learnt named labels, so which number means which name is a guess: say it.
+        mapping = ", ".join(f"{i}={name}" for i, name in enumerate(predictor.label_names))
+        metrics["note"] = f"integer labels were read as positions in the model's labels: {mapping}"
     return metrics

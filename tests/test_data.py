@@ -358,3 +358,14 @@ def test_evaluate_reads_a_file_as_the_model_was_trained_on(tmp_path):
     lines = sum(1 for _ in csv.reader(SMILE.open(newline="", encoding="utf-8-sig")))
     assert report["num_examples"] > 1000 and report["num_examples"] + report["skipped_rows"] == lines
     assert set(report["per_class"]) == {"angry", "disgust", "happy", "not-relevant", "sad", "surprise"}
+    assert "note" not in report
+    # Numbers against a model that learnt names: read as positions, and the report says so.
+    numbered = tmp_path / "numbered.csv"
+    numbered.write_text("1,what a lovely day,2\n2,this is awful,0\n")
+    evaluate_numbered = ["evaluate", "--model", str(run / "final"), "--data", str(numbered)]
+    report = json.loads(run_cli(*evaluate_numbered).stdout)
+    assert report["num_examples"] == 2
+    assert report["note"] == (
+        "integer labels were read as positions in the model's labels: "
+        "0=angry, 1=disgust, 2=happy, 3=not-relevant, 4=sad, 5=surprise"
+    )
