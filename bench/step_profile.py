@@ -67,7 +67,7 @@ class TrainingStep:
         use_cpu_dropout(self.model)
         collate = training_collator(self.model, tokenizer.pad_token_id, self.cfg.train, first_token_only)
         self.model.train()
-        self.optimizer, _ = build_optimizer(self.cfg.train, self.model, total_steps=1000, fused=True)
+        self.optimizer = build_optimizer(self.cfg.train, self.model, fused=True)
         self.loss_of = classification_loss
         self.model_inputs = model_inputs
         generator = torch.Generator().manual_seed(self.cfg.train.seed)

@@ -16,6 +16,7 @@ from distsent.config import ConfigError, settings_reference
 from distsent.worker_exit import exit_without_teardown, report_fatal_signals
 
 EXIT_USAGE = 2
+COLUMN_NAMES_HELP = "names of a headerless CSV/TSV file's columns, comma-separated (implies --no-header)"
 FILE_HEADER_HELP = (
     "whether a CSV/TSV file starts with a header row (default: as the model's training data; "
     "headerless files take its data.column_names)"
@@ -57,7 +58,7 @@ def _predict(args: argparse.Namespace) -> int:
     texts = list(args.texts)
     if args.file:
         # Unlabelled files are fine here: the label column is only required by evaluate.
-        settings = _file_settings(predictor.data, Path(args.file), args.text_column, None, args.header)
+        settings = _file_settings(predictor.data, Path(args.file), args, "--file")
         texts += _read_texts(Path(args.file), dataclasses.replace(settings, label_column=settings.text_column))
     rows = predictor.predict(texts, batch_size=args.batch_size, all_scores=args.all_scores)
     if args.output:
@@ -69,19 +70,37 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_settings(export_data, path: Path, text_column: str | None, label_column: str | None, header: bool | None):
+def _file_settings(export_data, path: Path, args: argparse.Namespace, file_flag: str):
     """How to read a user's file: as the export's training data was read (its columns, header
     or headerless column names) where the flags do not say otherwise."""
+    from distsent.data import TABLE_SUFFIXES
+
+    column_names = _column_names(args.column_names) if args.column_names else export_data.column_names
+    # Names given for the columns say the file has none of its own.
+    header = args.header if args.header is not None else (export_data.has_header and not args.column_names)
+    if not header and not column_names and path.suffix.lower() in TABLE_SUFFIXES:
+        raise ConfigError(
+            f"{file_flag} {path}: without a header row its columns need names, and the model was trained on "
+            "a file with a header; give them with --column-names (e.g. --column-names id,text,label)"
+        )
     return dataclasses.replace(
         export_data,
         dataset="files",
         train_file=str(path),
         validation_file=None,
         test_file=None,
-        text_column=text_column or export_data.text_column,
-        label_column=label_column or export_data.label_column,
-        has_header=export_data.has_header if header is None else header,
+        text_column=args.text_column or export_data.text_column,
+        label_column=getattr(args, "label_column", None) or export_data.label_column,
+        has_header=header,
+        column_names=column_names,
     )
+
+
+def _column_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise ConfigError(f"--column-names {text}: give distinct, non-empty names separated by commas")
+    return names
 
 
 def _read_texts(path: Path, cfg) -> list[str]:
@@ -116,8 +135,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.misclassified:
         _refuse_overwriting_input(Path(args.misclassified), data, "--misclassified", "--data")
     predictor = Predictor(args.model)
-    settings = _file_settings(predictor.data, data, args.text_column, args.label_column, args.header)
-    cfg = dataclasses.replace(settings, bad_rows=args.bad_rows)
+    settings = _file_settings(predictor.data, data, args, "--data")
+    cfg = dataclasses.replace(settings, bad_rows=args.bad_rows or settings.bad_rows)
     misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
     report = evaluate_file(predictor, cfg, misclassified)
     print(json.dumps(report, indent=2))
@@ -204,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--file", help="texts to classify: .txt (one per line), CSV, TSV, JSON, JSONL or Parquet")
     predict.add_argument("--text-column", help="text column of --file (default: the one the model was trained on)")
     predict.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
+    predict.add_argument("--column-names", help=COLUMN_NAMES_HELP)
     predict.add_argument("--output", help="write JSON lines here instead of printing them")
     predict.add_argument("--all-scores", action="store_true", help='add "scores": every label\'s probability')
     predict.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
@@ -215,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-column", help="default: the one the model was trained on")
     evaluate.add_argument("--label-column", help="default: the one the model was trained on")
     evaluate.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
+    evaluate.add_argument("--column-names", help=COLUMN_NAMES_HELP)
     evaluate.add_argument(
         "--bad-rows",
         choices=["error", "skip"],
-        default="error",
-        help="refuse or skip unusable rows: malformed ones, or a label the model does not know",
+        help="refuse or skip unusable rows: malformed ones, or a label the model does not know "
+        "(default: the model's training data.bad_rows)",
     )
     evaluate.add_argument("--misclassified", help="where to write misclassified rows (default: beside --data)")
     evaluate.set_defaults(handler=_evaluate)

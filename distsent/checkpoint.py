@@ -368,18 +368,21 @@ def archive_previous_run(output_dir: Path) -> list[Path]:
     from distsent.plots import PLOTS_DIR, PREDICTIONS_FILE
     from distsent.tracking import METRICS_FILE
 
-    moved = []
     names = (RUN_CONFIG_NAME, METRICS_FILE, SUMMARY_FILE, PREDICTIONS_FILE, PLOTS_DIR, CHECKPOINTS_DIR, *EXPORT_DIRS)
-    for path in (Path(output_dir) / name for name in names):
-        if path.exists():
-            stamp = int(path.stat().st_mtime)
-            archived = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")
-            while archived.exists():  # two fresh runs within a second
-                stamp += 1
-                archived = path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")
-            path.rename(archived)
-            moved.append(archived)
-    return moved
+    present = [path for path in (Path(output_dir) / name for name in names) if path.exists()]
+    if not present:
+        return []
+
+    def archived(path: Path, stamp: int) -> Path:
+        return path.with_name(f"{path.stem}.before-{stamp}{path.suffix}")
+
+    # One stamp for the whole earlier run (when it last wrote), so its files group together.
+    stamp = int(max(path.stat().st_mtime for path in present))
+    while any(archived(path, stamp).exists() for path in present):  # two fresh runs within a second
+        stamp += 1
+    for path in present:
+        path.rename(archived(path, stamp))
+    return [archived(path, stamp) for path in present]
 
 
 def load_checkpoint(accelerator, path: Path) -> None:

@@ -286,7 +286,7 @@ def clean_text(text: str, cfg: DataConfig) -> str:
     return text
 
 
-def _clean_and_filter(
+def clean_and_filter(
     rows: Rows, cfg: DataConfig, bad: BadRows, notes: list[str], deduplicate: bool, dropped_labels: set[str]
 ) -> Rows:
     """Bad values, cleaning, label filters and duplicates, each counted in `notes`; the
@@ -418,7 +418,7 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     notes: list[str] = []
     dropped_labels: set[str] = set()
     raw = {
-        split: _clean_and_filter(rows, cfg, bad, notes, cfg.deduplicate and split == "train", dropped_labels)
+        split: clean_and_filter(rows, cfg, bad, notes, cfg.deduplicate and split == "train", dropped_labels)
         for split, rows in _read_source(cfg, bad).items()
     }
     unmatched = [label for label in cfg.drop_labels if label not in dropped_labels]
@@ -444,12 +444,16 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     splits = LabeledSplits(texts, labels, label_names, notes)
 
     train_size = len(splits.texts["train"])
+    # Stratified by the label names in sorted order, not by class id: the same data and seed
+    # give the same split whatever order data.labels lists them in (a model trained on with
+    # its labels reordered would otherwise validate on texts it was trained on).
+    name_rank = np.argsort(np.argsort(label_names))
     for split, fraction in (("validation", cfg.validation_fraction), ("test", cfg.test_fraction)):
         if split in splits.texts or fraction == 0.0:
             continue
         # Fractions are of the original training data, so adding a test split does not shrink validation.
         share = fraction * train_size / len(splits.texts["train"])
-        keep, cut = stratified_split(splits.labels["train"], share, cfg.split_seed)
+        keep, cut = stratified_split(name_rank[splits.labels["train"]].tolist(), share, cfg.split_seed)
         for column in (splits.texts, splits.labels):
             source = column["train"]
             column[split] = [source[i] for i in cut]

@@ -148,6 +148,16 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
     from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
     precision = resolve_mixed_precision(cfg.train.mixed_precision, info)
+    # accelerate launch exports its --mixed_precision (default `no`); the precision passed
+    # below wins over it, so a flag asking for another would be dropped without a word.
+    launched = os.environ.get(LAUNCH_PRECISION_VARIABLE, "no")
+    if launched not in ("no", precision):
+        raise ConfigError(
+            f"accelerate launch --mixed_precision {launched} ({LAUNCH_PRECISION_VARIABLE}={launched}) asks for "
+            f"{launched}, but train.mixed_precision={cfg.train.mixed_precision} means {precision} here and the run "
+            f"config decides; drop the flag (or mixed_precision in the accelerate config) and set "
+            f"train.mixed_precision={launched}"
+        )
     kwargs_handlers = []
     use_cpu = not info.has_cuda
     if info.use_deepspeed and not info.has_cuda:
@@ -216,6 +226,21 @@ def model_construction_context(accelerator):
         plugin.set_deepspeed_weakref()
 
 
+@contextlib.contextmanager
+def node_leaders_first(accelerator):
+    """Rank 0 runs the block first, then each other node's first process, then the rest.
+
+    For data preparation: rank 0 fills the datasets cache, the other nodes' leaders reuse it
+    where the cache is shared or fill their own where it is node-local, and every other
+    process then loads a finished cache. accelerate's `main_process_first` alone lets all
+    processes of the other nodes tokenise at once into one node-local cache file."""
+    with accelerator.main_process_first(), accelerator.local_main_process_first():
+        yield
+
+
+# accelerate launch's --mixed_precision, exported to every process.
+LAUNCH_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
+
 # DeepSpeed settings that `accelerate launch` flags set through the environment:
 # (flag, variable, the run config's key that decides instead).
 LAUNCH_FLAG_SETTINGS = {
@@ -232,7 +257,13 @@ def reconcile_deepspeed_config(ds_config: dict, cfg: Config, world_size: int, pr
     """Fill DeepSpeed's "auto" values from the run config; refuse values that contradict it.
 
     The run config is the single source of truth for batch sizes, clipping and precision,
-    so a DeepSpeed JSON either says "auto" or agrees with it."""
+    so a DeepSpeed JSON either says "auto" or agrees with it. The schedule is the run
+    config's too: a "scheduler" section would set the rate before distsent's does, each step."""
+    if "scheduler" in ds_config:
+        raise ConfigError(
+            'DeepSpeed config has a "scheduler" section, a second learning-rate schedule; remove it: '
+            "distsent's linear warmup and decay come from train.lr, train.warmup_steps and train.warmup_ratio"
+        )
     expected = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
@@ -258,7 +289,13 @@ def _reconcile(section: dict, key: str, value, where: str | None = None) -> None
                 f"accelerate launch {flag[0]} ({flag[1]}={os.environ[flag[1]]}) sets DeepSpeed's {key}={current!r} "
                 f"but the run config implies {value!r}; drop the flag and set {flag[2]} instead"
             )
+        # accelerate writes 1 for an accumulation the JSON leaves out: "sets" would be untrue.
+        source = (
+            " (the JSON's, or accelerate's where the JSON leaves it out)"
+            if key == "gradient_accumulation_steps"
+            else ""
+        )
         raise ConfigError(
-            f"DeepSpeed config sets {where or key}={current!r} but the run config implies {value!r}; "
+            f"DeepSpeed config sets {where or key}={current!r}{source} but the run config implies {value!r}; "
             'set it to "auto" so the run config decides'
         )

@@ -99,23 +99,30 @@ def evaluate(
 
 def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
     """Metrics of an export (a `Predictor`) on a labelled file (every row, in order), and its
-    misclassified rows. The file is read with the same readers and bad-row policy as training data."""
-    from distsent.data import CLI_FLAGS, BadRows, label_key, read_file
+    misclassified rows. The file is read as the training data was: the same readers, bad-row
+    policy and filters (multi-label rows, data.drop_labels), each counted in the notes."""
+    from distsent.data import CLI_FLAGS, BadRows, clean_and_filter, label_key, read_file
     from distsent.predict import write_jsonl
 
     bad = BadRows(data_cfg.bad_rows, CLI_FLAGS)
     rows = read_file(data_cfg.train_file, data_cfg, bad)
+    # Scored and reported as written: the predictor cleans texts itself, as predict does.
+    written = dict(zip(rows.origins, rows.texts, strict=True))
+    notes: list[str] = []
+    skipped_reading = sum(bad.skipped.values())
+    kept = clean_and_filter(rows, data_cfg, bad, notes, deduplicate=False, dropped_labels=set())
+    dropped = len(rows.texts) - len(kept.texts) - (sum(bad.skipped.values()) - skipped_reading)
     index = {name: i for i, name in enumerate(predictor.label_names)}
     texts, labels, origins = [], [], []
     read_by_position = False
-    for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
+    for label, origin in zip(kept.labels, kept.origins, strict=True):
         # As training read them: integers index the configured data.labels.
         key = label_key(label, predictor.data.labels or predictor.label_names)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one the model knows ({predictor.label_names})")
             continue
         read_by_position |= key != str(label).strip()
-        texts.append(text)
+        texts.append(written[origin])
         labels.append(index[key])
         origins.append(origin)
     if not labels:
@@ -138,6 +145,8 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
     ]
     write_jsonl(wrong, misclassified_path)
     metrics["skipped_rows"] = sum(bad.skipped.values())
+    metrics["dropped_rows"] = dropped
+    metrics["notes"] = notes + bad.notes()
     metrics["misclassified_file"] = str(misclassified_path)
     if read_by_position and not predictor.data.labels:
         # The model learnt named labels, so which number means which name is a guess: say it.

@@ -30,22 +30,29 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return int(cfg.warmup_ratio * total_steps)
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, fused: bool = True):
-    """AdamW with linear warmup then linear decay to 0.
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (no decay for biases and norms).
 
     `fused` runs the whole update as one kernel per parameter group; on CPU it measured
     4.6x faster than the default foreach update for MiniLM's 22.7M parameters
     (57 ms vs 258 ms per step on 2 cores), on CUDA it saves the launch overhead."""
-    groups = parameter_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(
-        groups,
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         fused=fused,
     )
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(cfg, total_steps), total_steps)
-    return optimizer, scheduler
+
+
+def build_schedule(cfg: TrainConfig, prepared_optimizer: torch.optim.Optimizer, total_steps: int):
+    """Linear warmup then linear decay to 0, on the optimizer `accelerator.prepare` returned.
+
+    Not on the AdamW given to it: with DeepSpeed offload that AdamW is replaced by DeepSpeed's
+    CPU Adam, whose parameter groups a resume then replaces again. The prepared optimizer
+    reads the groups of whatever optimizer steps, each time; bound to the AdamW, a resumed
+    offload run kept one learning rate while the logs showed the schedule going on."""
+    return get_linear_schedule_with_warmup(prepared_optimizer, warmup_steps(cfg, total_steps), total_steps)
 
 
 def loss_scale(scaler: torch.amp.GradScaler | None) -> float | None:

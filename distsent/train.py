@@ -34,7 +34,13 @@ from distsent.checkpoint import (
 from distsent.config import Config, ConfigError, TrainConfig, save_config
 from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
 from distsent.data import load_labeled_splits, tokenize, tokenized_fingerprint
-from distsent.distributed import build_accelerator, default_resume_mode, model_construction_context, read_launch_info
+from distsent.distributed import (
+    build_accelerator,
+    default_resume_mode,
+    model_construction_context,
+    node_leaders_first,
+    read_launch_info,
+)
 from distsent.evaluate import evaluate
 from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, is_improvement, selectable_metrics
@@ -46,7 +52,7 @@ from distsent.modeling import (
     weighted_loss_sum,
     weighted_mean_loss,
 )
-from distsent.optim import build_optimizer, loss_scale, scaler_skipped_step
+from distsent.optim import build_optimizer, build_schedule, loss_scale, scaler_skipped_step
 from distsent.packing import is_packed, model_inputs, position_limit, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher, record_preemption
@@ -63,6 +69,8 @@ class TrainState:
     global_step: int = 0
     best_value: float | None = None
     best_step: int = 0
+    best_test_metrics: dict | None = None
+    """The test split's metrics for the model in best/, scored when it was selected."""
     last_metrics: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     train_tokens: int = 0
@@ -208,8 +216,9 @@ def train(cfg: Config) -> dict:
         set_seed(cfg.train.seed)
 
         tokenizer = build_tokenizer(cfg.model)
-        # Rank 0 reads and tokenises first so the others reuse its datasets cache.
-        with accelerator.main_process_first():
+        # Read and tokenised by rank 0 first, then each other node's first process, then the
+        # rest: every later process loads the cache (shared or node-local) its leader wrote.
+        with node_leaders_first(accelerator):
             splits = load_labeled_splits(cfg.data)
             # Names the tokenised cache and, in the resume check, the training set.
             train_digest = tokenized_fingerprint(splits.texts["train"], splits.labels["train"], tokenizer, cfg.data)
@@ -220,6 +229,9 @@ def train(cfg: Config) -> dict:
             eval_set = tokenize(
                 splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data, eval_digest
             )
+            test_set = None
+            if "test" in splits.texts:
+                test_set = tokenize(splits.texts["test"], splits.labels["test"], tokenizer, cfg.data)
         label_names = splits.label_names
         choices = selectable_metrics(splits.labels["validation"], label_names)
         if cfg.train.best_metric not in choices:
@@ -259,9 +271,10 @@ def train(cfg: Config) -> dict:
         trainable, frozen = parameter_counts(model)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.
         fused = accelerator.device.type in ("cpu", "cuda")
-        optimizer, scheduler = build_optimizer(cfg.train, model, total_steps, fused=fused)
-        # The scheduler is not prepared: accelerate would step it once per process.
+        optimizer = build_optimizer(cfg.train, model, fused=fused)
         model, optimizer = accelerator.prepare(model, optimizer)
+        # The scheduler is not prepared: accelerate would step it once per process.
+        scheduler = build_schedule(cfg.train, optimizer, total_steps)
         # From here each rank draws its own dropout masks (seed + rank; a resume restores each
         # rank's state): with one seed everywhere, micro-batches of equal shape on different
         # ranks got identical masks. The weights above were built from the common seed.
@@ -362,20 +375,27 @@ def train(cfg: Config) -> dict:
 
         last_predictions = None
 
+        def score(dataset) -> tuple[dict, object]:
+            return evaluate(
+                model,
+                dataset,
+                accelerator,
+                cfg.train.eval_batch_size,
+                tokenizer.pad_token_id,
+                label_names,
+                should_stop=lambda: watcher.should_stop(accelerator),
+            )
+
         def validate_and_export_best() -> None:
-            """Validate; on preemption mid-way, checkpoint with the validation marked pending."""
+            """Validate, and score the test split with each new best model (the one best/ holds,
+            which the test score must describe; never used to select it). On preemption
+            mid-way, checkpoint with the validation marked pending: nothing is recorded yet."""
             nonlocal last_predictions
             state.eval_pending = True
             try:
-                metrics, last_predictions = evaluate(
-                    model,
-                    eval_set,
-                    accelerator,
-                    cfg.train.eval_batch_size,
-                    tokenizer.pad_token_id,
-                    label_names,
-                    should_stop=lambda: watcher.should_stop(accelerator),
-                )
+                metrics, last_predictions = score(eval_set)
+                improved = is_improvement(cfg.train.best_metric, metrics[cfg.train.best_metric], state.best_value)
+                test_metrics = score(test_set)[0] if improved and test_set is not None else None
             except Preempted as stop:
                 checkpoint_for_preemption(str(stop))
                 raise
@@ -389,9 +409,9 @@ def train(cfg: Config) -> dict:
                 metrics["val_train_loss_ratio"] = val_loss / state.last_train_loss
             state.last_metrics = metrics
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, metrics)
-            value = metrics[cfg.train.best_metric]
-            if is_improvement(cfg.train.best_metric, value, state.best_value):
-                state.best_value, state.best_step = value, state.global_step
+            if improved:
+                state.best_value, state.best_step = metrics[cfg.train.best_metric], state.global_step
+                state.best_test_metrics = test_metrics
                 state.evals_without_improvement = 0
                 export_model(
                     accelerator, model, tokenizer, cfg, {"step": state.global_step, **metrics}, output_dir / "best"
@@ -403,7 +423,40 @@ def train(cfg: Config) -> dict:
         if state.eval_pending:
             validate_and_export_best()
 
-        grad_norm = None
+        def log_training_window() -> None:
+            """Log the steps since the last log (mean loss over every rank's micro-batches)."""
+            # The logged loss is the mean over every rank's micro-batches, not rank 0's.
+            loss_sum = accelerator.reduce(window_loss, "sum").item()
+            tokens_sum = int(accelerator.reduce(window_tokens, "sum").item())
+            # Throughput counts training time only, not evaluation or checkpointing.
+            elapsed = state.train_seconds - state.window_train_seconds
+            values = {
+                "loss": loss_sum / (state.window_micro_batches * world_size),
+                "epoch": round(state.global_step / steps_per_epoch, 4),
+                "tokens_per_second": tokens_sum / elapsed,
+                # Every rank's micro-batches are full: the sampler drops incomplete global batches.
+                "examples_per_second": state.window_micro_batches * cfg.train.batch_size * world_size / elapsed,
+            }
+            # Both unknown for a window carried over a resume with no step taken since.
+            if step_lr is not None:
+                values["lr"] = step_lr
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+            state.last_train_loss = values["loss"]
+            run_logger.log_train(state.global_step, values)
+            run_logger.advance(
+                0,
+                loss=values["loss"],
+                tok_s=values["tokens_per_second"],
+                **({"lr": step_lr} if step_lr is not None else {}),
+            )
+            state.train_tokens += tokens_sum
+            window_loss.zero_()
+            window_tokens.zero_()
+            state.window_micro_batches = 0
+            state.window_train_seconds = state.train_seconds
+
+        grad_norm = step_lr = None
         packed_micro_batches = 0  # by this process since it started
         model.train()
         # fp16's loss scale after the last step. Read after each step, not before: a read waits
@@ -451,6 +504,9 @@ def train(cfg: Config) -> dict:
                 skipped = accelerator.optimizer_step_was_skipped or scaler_skipped_step(
                     accelerator.scaler, scale_before
                 )
+                # The rate this step trained with, logged as such (read after the schedule
+                # advances, it would be the next step's).
+                step_lr = scheduler.get_last_lr()[0]
                 if not skipped:  # a step skipped for fp16 overflow does not advance the schedule
                     scheduler.step()
                 scale_before = loss_scale(accelerator.scaler)
@@ -460,29 +516,7 @@ def train(cfg: Config) -> dict:
                 epoch_done = state.global_step % steps_per_epoch == 0
 
                 if state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps:
-                    # The logged loss is the mean over every rank's micro-batches, not rank 0's.
-                    loss_sum = accelerator.reduce(window_loss, "sum").item()
-                    tokens_sum = int(accelerator.reduce(window_tokens, "sum").item())
-                    # Throughput counts training time only, not evaluation or checkpointing.
-                    elapsed = state.train_seconds - state.window_train_seconds
-                    values = {
-                        "loss": loss_sum / (state.window_micro_batches * world_size),
-                        "lr": scheduler.get_last_lr()[0],
-                        "epoch": round(state.global_step / steps_per_epoch, 4),
-                        "tokens_per_second": tokens_sum / elapsed,
-                        # Every rank's micro-batches are full: the sampler drops incomplete global batches.
-                        "examples_per_second": state.window_micro_batches * cfg.train.batch_size * world_size / elapsed,
-                    }
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(grad_norm)
-                    state.last_train_loss = values["loss"]
-                    run_logger.log_train(state.global_step, values)
-                    run_logger.advance(0, loss=values["loss"], lr=values["lr"], tok_s=values["tokens_per_second"])
-                    state.train_tokens += tokens_sum
-                    window_loss.zero_()
-                    window_tokens.zero_()
-                    state.window_micro_batches = 0
-                    state.window_train_seconds = state.train_seconds
+                    log_training_window()
 
                 should_eval = (
                     (cfg.train.eval_every_steps and state.global_step % cfg.train.eval_every_steps == 0)
@@ -511,8 +545,8 @@ def train(cfg: Config) -> dict:
                 log.info("early stop at step %d: %s", state.global_step, state.stopped_early)
 
         if state.window_micro_batches:
-            # An early stop falls between logging windows: the last window's tokens still count.
-            state.train_tokens += int(accelerator.reduce(window_tokens, "sum").item())
+            # An early stop falls between logging windows: its last steps are logged and counted.
+            log_training_window()
         export_model(
             accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final"
         )
@@ -540,12 +574,8 @@ def train(cfg: Config) -> dict:
             "stopped_early": state.stopped_early,
             "eval": state.last_metrics,
         }
-        if "test" in splits.texts:
-            # The held-out test split is scored once, by the final model, never used for selection.
-            test_set = tokenize(splits.texts["test"], splits.labels["test"], tokenizer, cfg.data)
-            summary["test"], _ = evaluate(
-                model, test_set, accelerator, cfg.train.eval_batch_size, tokenizer.pad_token_id, label_names
-            )
+        if state.best_test_metrics is not None:
+            summary["test"] = {**state.best_test_metrics, "model_step": state.best_step}
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, summary["test"], split="test")
         if accelerator.is_main_process:
             (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -48,6 +48,17 @@ def test_smile_filters_leave_six_classes_all_in_train_and_validation():
     assert "skipped 1 row(s): malformed row" in notes
 
 
+def test_the_held_out_split_does_not_depend_on_the_order_of_data_labels():
+    """Training on from an export with its labels listed in another order must validate on
+    the same texts, not on texts the first run trained on."""
+    listed = load_labeled_splits(data_cfg(*SMILE_ARGS, "data.bad_rows=skip"))
+    reordered = load_labeled_splits(
+        data_cfg(*SMILE_ARGS, "data.bad_rows=skip", "data.labels=[surprise, sad, not-relevant, happy, disgust, angry]")
+    )
+    assert reordered.label_names[0] == "surprise"
+    assert reordered.texts["validation"] == listed.texts["validation"]
+
+
 def test_smile_broken_first_record_is_refused_by_default():
     with pytest.raises(DataError, match=r"smile-annotations-final.csv:1: malformed row: expected 3 fields"):
         load_labeled_splits(data_cfg(*SMILE_ARGS))
@@ -354,11 +365,19 @@ def test_evaluate_reads_a_file_as_the_model_was_trained_on(tmp_path):
             str(tmp_path / "wrong.jsonl"),
         ).stdout
     )
-    # Every row is scored or counted as skipped: malformed, multi-label or `nocode` (not a class).
+    # Every row is scored, skipped (malformed) or dropped by the training filters (multi-label,
+    # `nocode`), each counted by reason as training counted them.
     lines = sum(1 for _ in csv.reader(SMILE.open(newline="", encoding="utf-8-sig")))
-    assert report["num_examples"] > 1000 and report["num_examples"] + report["skipped_rows"] == lines
+    assert report["num_examples"] > 1000
+    assert report["num_examples"] + report["skipped_rows"] + report["dropped_rows"] == lines
+    assert report["skipped_rows"] == 1 and report["dropped_rows"] == 32 + 1554
+    notes = " ".join(report["notes"])
+    assert "dropped 32 multi-label" in notes and "dropped 1554 listed label" in notes and "malformed row" in notes
     assert set(report["per_class"]) == {"angry", "disgust", "happy", "not-relevant", "sad", "surprise"}
     assert "note" not in report
+    # Without --bad-rows, the training run's data.bad_rows=skip holds.
+    defaults = ["evaluate", "--model", str(run / "final"), "--data", str(SMILE)]
+    assert json.loads(run_cli(*defaults, "--misclassified", str(tmp_path / "w2.jsonl")).stdout)["skipped_rows"] == 1
     # Numbers against a model that learnt names: read as positions, and the report says so.
     numbered = tmp_path / "numbered.csv"
     numbered.write_text("1,what a lovely day,2\n2,this is awful,0\n")

@@ -5,6 +5,7 @@ every validation example exactly once, and export whole weights under every ZeRO
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -178,6 +179,13 @@ def test_conflicting_deepspeed_value_is_refused(tmp_path):
     result = run_captured(command, timeout=600)
     assert result.returncode != 0
     assert "train_micro_batch_size_per_gpu=4" in result.stderr and '"auto"' in result.stderr
+    # A schedule of DeepSpeed's own would set the rate before distsent's each step.
+    ds_config = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
+    ds_config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 100}}
+    config.write_text(json.dumps(ds_config))
+    result = run_captured([*command[:6], "1", *command[7:]], timeout=600)
+    assert result.returncode != 0
+    assert 'DeepSpeed config has a "scheduler" section, a second learning-rate schedule' in result.stderr
 
 
 def test_accumulation_from_the_launcher_is_refused_naming_its_source(tmp_path):
@@ -196,6 +204,17 @@ def test_accumulation_from_the_launcher_is_refused_naming_its_source(tmp_path):
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 in the environment overrides train.grad_accum_steps=1" in (
         exported.stderr
     )
+    assert not (tmp_path / "out").exists()
+
+
+def test_precision_from_the_launcher_is_refused_naming_its_source(tmp_path):
+    """accelerate launch --mixed_precision would be overruled by the run config's precision
+    without a word; the run config decides, so the flag is refused."""
+    run = ["train", *TINY, "train.max_steps=2", f"output_dir={tmp_path / 'out'}"]
+    flagged = launch("ddp.yaml", 1, *run, extra_launch=("--mixed_precision", "bf16"), check=False)
+    assert flagged.returncode != 0
+    assert "accelerate launch --mixed_precision bf16 (ACCELERATE_MIXED_PRECISION=bf16)" in flagged.stderr
+    assert "set train.mixed_precision=bf16" in flagged.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -116,10 +116,12 @@ def test_sigkill_after_step_17_then_resume_is_exact(straight, tmp_path, processe
     assert max_weight_difference(run / "final", straight[processes] / "final") == 0.0
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_deepspeed_sigkill_then_resume_is_exact(tmp_path, stage):
     """DeepSpeed's own checkpoint (each rank's optimizer partition, ZeRO-3's partitioned
-    weights) restores the run exactly: same losses, same final weights."""
+    weights) restores the run exactly: same losses, same final weights. With offload the
+    optimizer that steps is DeepSpeed's CPU Adam, which a resume gives new parameter
+    groups: the schedule must follow them (it once kept a resumed run at one rate)."""
     args = ["train", *TINY, "train.max_steps=12", "checkpoint.every_steps=4", "train.log_every_steps=1"]
     straight_run, run = tmp_path / "straight", tmp_path / "killed"
     launch(f"{stage}.yaml", 2, *args, f"output_dir={straight_run}")
@@ -348,6 +350,9 @@ def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_pat
     for name in ("best.before-*", "final.before-*"):
         (archived,) = run.glob(name)
         assert (archived / "model.safetensors").is_file()
+    # All under one stamp, so an earlier run's files can be told from another's.
+    stamps = {path.name.split(".before-")[1].split(".")[0] for path in run.glob("*.before-*")}
+    assert len(stamps) == 1, sorted(path.name for path in run.glob("*.before-*"))
     assert "step-00000004" in run_cli(*later, "train.resume=auto").stdout
     # The earlier run's settings do not continue the later run: its lr differs.
     refused = run_cli(*earlier, "train.resume=auto", check=False)

@@ -127,6 +127,20 @@ def test_predictions_clean_texts_as_training_did(tiny_run: Path, tmp_path: Path)
     assert torch.allclose(cleaned[0], cleaned[1])
 
 
+def test_a_headerless_file_is_read_with_the_column_names_given(tiny_run: Path, tmp_path: Path):
+    """The model trained on a file with a header: a headerless one needs its columns named."""
+    headerless = tmp_path / "reviews.csv"
+    headerless.write_text("7,what a great film\n8,dull and long\n")
+    predict = ["predict", "--model", str(tiny_run / "final"), "--file", str(headerless)]
+    unnamed = run_cli(*predict, "--no-header", check=False)
+    assert unnamed.returncode == 2 and "Traceback" not in unnamed.stderr
+    assert "give them with --column-names" in unnamed.stderr
+    named = run_cli(*predict, "--column-names", "id,text")
+    assert [json.loads(line)["text"] for line in named.stdout.splitlines()] == ["what a great film", "dull and long"]
+    repeated = run_cli(*predict, "--column-names", "text,text", check=False)
+    assert repeated.returncode == 2 and "--column-names text,text: give distinct" in repeated.stderr
+
+
 def test_tiny_bert_is_small(tiny_run: Path):
     size_mb = (tiny_run / "final" / "model.safetensors").stat().st_size / 2**20
     assert size_mb < 5
