@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from distsent.predict import Predictor, write_jsonl
+    from distsent.predict import Predictor, write_predictions
 
     if not args.texts and not args.file:
         raise ConfigError(
@@ -62,7 +62,7 @@ def _predict(args: argparse.Namespace) -> int:
         texts += _read_texts(Path(args.file), dataclasses.replace(settings, label_column=settings.text_column))
     rows = predictor.predict(texts, batch_size=args.batch_size, all_scores=args.all_scores)
     if args.output:
-        write_jsonl(rows, Path(args.output))
+        write_predictions(rows, Path(args.output))
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
     else:
         for row in rows:
@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text-column", help="text column of --file (default: the one the model was trained on)")
     predict.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
     predict.add_argument("--column-names", help=COLUMN_NAMES_HELP)
-    predict.add_argument("--output", help="write JSON lines here instead of printing them")
+    predict.add_argument(
+        "--output", help="write the predictions here instead of printing them: JSON lines, or a table for .csv/.tsv"
+    )
     predict.add_argument("--all-scores", action="store_true", help='add "scores": every label\'s probability')
     predict.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
     predict.set_defaults(handler=_predict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -87,3 +88,24 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
     with path.open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_predictions(rows: list[dict], path: Path) -> None:
+    """JSON lines, or a table where the name asks for one (`.csv`, `.tsv`): text, label,
+    score, and with --all-scores a `score_<label>` column per label."""
+    delimiter = {".csv": ",", ".tsv": "\t"}.get(path.suffix.lower())
+    if delimiter is None:
+        write_jsonl(rows, path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = [
+        {key: value for key, value in row.items() if key != "scores"}
+        | {f"score_{name}": p for name, p in row.get("scores", {}).items()}
+        for row in rows
+    ]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=list(flat[0]) if flat else ["text", "label", "score"], delimiter=delimiter
+        )
+        writer.writeheader()
+        writer.writerows(flat)

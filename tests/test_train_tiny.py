@@ -1,5 +1,6 @@
 """End to end on tiny-bert: train, export, reload through transformers, predict."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -139,6 +140,15 @@ def test_a_headerless_file_is_read_with_the_column_names_given(tiny_run: Path, t
     assert [json.loads(line)["text"] for line in named.stdout.splitlines()] == ["what a great film", "dull and long"]
     repeated = run_cli(*predict, "--column-names", "text,text", check=False)
     assert repeated.returncode == 2 and "--column-names text,text: give distinct" in repeated.stderr
+    # A .csv output is a table, with a score column per label under --all-scores.
+    table = tmp_path / "predictions.csv"
+    run_cli(*predict, "--column-names", "id,text", "--all-scores", "--output", str(table))
+    with table.open(newline="", encoding="utf-8") as handle:
+        written = list(csv.DictReader(handle))
+    assert list(written[0]) == ["text", "label", "score", "score_negative", "score_positive"]
+    assert [row["text"] for row in written] == ["what a great film", "dull and long"]
+    for row in written:
+        assert float(row["score"]) == max(float(row["score_negative"]), float(row["score_positive"]))
 
 
 def test_tiny_bert_is_small(tiny_run: Path):
