@@ -32,7 +32,7 @@ def main() -> None:
     import datasets
 
     from distsent.config import load_config
-    from distsent.data import load_labeled_splits, tokenize
+    from distsent.data import _is_whole, load_labeled_splits, tokenize
     from distsent.modeling import build_tokenizer
 
     datasets.disable_progress_bars()
@@ -42,12 +42,16 @@ def main() -> None:
     texts, labels = splits.texts["train"], splits.labels["train"]
     cold = timed(lambda: tokenize(texts, labels, tokenizer, cfg.data))
     warm = timed(lambda: tokenize(texts, labels, tokenizer, cfg.data))
+    # Part of every cached load: the check that the cache file holds every row whole.
+    cached = tokenize(texts, labels, tokenizer, cfg.data)
+    check = timed(lambda: _is_whole(cached, len(texts)))
     cfg.data.cache_tokenized = False
     uncached = timed(lambda: tokenize(texts, labels, tokenizer, cfg.data))
     record = {
         "texts": len(texts),
         "cold_seconds": round(cold, 3),
         "cached_seconds": round(warm, 3),
+        "cache_check_seconds": round(check, 4),
         "cache_off_seconds": round(uncached, 3),
         "speedup": round(cold / warm, 1),
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
