@@ -134,11 +134,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if args.misclassified:
         _refuse_overwriting_input(Path(args.misclassified), data, "--misclassified", "--data")
+    if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
+        raise ConfigError(f"--plots {args.plots}: a file, not a folder to draw into")
     predictor = Predictor(args.model)
     settings = _file_settings(predictor.data, data, args, "--data")
     cfg = dataclasses.replace(settings, bad_rows=args.bad_rows or settings.bad_rows)
     misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
-    report = evaluate_file(predictor, cfg, misclassified)
+    report = evaluate_file(predictor, cfg, misclassified, Path(args.plots) if args.plots else None)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the model's training data.bad_rows)",
     )
     evaluate.add_argument("--misclassified", help="where to write misclassified rows (default: beside --data)")
+    evaluate.add_argument("--plots", metavar="DIR", help="draw the confusion matrix (and ROC curve, two classes) here")
     evaluate.set_defaults(handler=_evaluate)
 
     doctor = commands.add_parser("doctor", help="preflight: what this process sees and whether a run can work")

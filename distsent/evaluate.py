@@ -97,7 +97,7 @@ def evaluate(
     return metrics, predictions
 
 
-def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
+def evaluate_file(predictor, data_cfg, misclassified_path: Path, plots_dir: Path | None = None) -> dict:
     """Metrics of an export (a `Predictor`) on a labelled file (every row, in order), and its
     misclassified rows. The file is read as the training data was: the same readers, bad-row
     policy and filters (multi-label rows, data.drop_labels), each counted in the notes."""
@@ -148,6 +148,12 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path) -> dict:
     metrics["dropped_rows"] = dropped
     metrics["notes"] = notes + bad.notes()
     metrics["misclassified_file"] = str(misclassified_path)
+    if plots_dir is not None:
+        from distsent.plots import evaluation_plots
+
+        scored = f"{Path(data_cfg.train_file).name}, {predictor.model_dir.name}/"
+        drawn = evaluation_plots(plots_dir, metrics["confusion_matrix"], labels, probs, predictor.label_names, scored)
+        metrics["plots"] = [str(path) for path in drawn]
     if read_by_position and not predictor.data.labels:
         # The model learnt named labels, so which number means which name is a guess: say it.
         mapping = ", ".join(f"{i}={name}" for i, name in enumerate(predictor.label_names))

@@ -54,15 +54,14 @@ def learning_curves(events: list[dict], target: Path, metric: str) -> Path:
     return target
 
 
-def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], target: Path, step: int) -> Path:
+def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], target: Path, scored: str) -> Path:
+    """`scored` says on what, and by which model (`validation, step 40`)."""
     counts = np.asarray(matrix)
     size = max(4, 0.8 * len(label_names) + 2)
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(counts, cmap="Blues")
     ticks = range(len(label_names))
-    axis.set(
-        xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=f"Validation confusion matrix, step {step}"
-    )
+    axis.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=f"Confusion matrix, {scored}")
     axis.set_xticklabels(label_names, rotation=45, ha="right")
     axis.set_yticklabels(label_names)
     for row in ticks:
@@ -74,7 +73,7 @@ def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], targe
     return target
 
 
-def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str], target: Path, step: int) -> Path:
+def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str], target: Path, scored: str) -> Path:
     positive_scores = np.asarray(probs)[:, 1]
     fpr, tpr, _ = roc_curve(labels, positive_scores)
     area = float(np.trapezoid(tpr, fpr))
@@ -84,13 +83,24 @@ def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str]
     axis.set(
         xlabel="false positive rate",
         ylabel="true positive rate",
-        title=f"ROC ({label_names[1]} vs {label_names[0]}), step {step}",
+        title=f"ROC ({label_names[1]} vs {label_names[0]}), {scored}",
     )
     axis.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(target, dpi=100)
     plt.close(figure)
     return target
+
+
+def evaluation_plots(
+    folder: Path, matrix: list[list[int]], labels: list[int], probs, label_names: list[str], scored: str
+) -> list[Path]:
+    """The confusion matrix, and with two classes both present the ROC curve, into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = [confusion_matrix_plot(matrix, label_names, folder / "confusion_matrix.png", scored)]
+    if len(label_names) == 2 and len(set(labels)) == 2:
+        written.append(roc_plot(labels, probs, label_names, folder / "roc.png", scored))
+    return written
 
 
 def write_plots(output_dir: Path, metric: str = "accuracy") -> list[Path]:
@@ -106,16 +116,12 @@ def write_plots(output_dir: Path, metric: str = "accuracy") -> list[Path]:
     # Both describe the last validation (the final model's), which may not be the best step's:
     # the titles say which step.
     if evals and predictions:
-        step = evals[-1]["step"]
-        written.append(
-            confusion_matrix_plot(
-                evals[-1]["confusion_matrix"], predictions["label_names"], folder / "confusion_matrix.png", step
-            )
+        written += evaluation_plots(
+            folder,
+            evals[-1]["confusion_matrix"],
+            predictions["labels"],
+            predictions["probs"],
+            predictions["label_names"],
+            f"validation, step {evals[-1]['step']}",
         )
-        if len(predictions["label_names"]) == 2 and len(set(predictions["labels"])) == 2:
-            written.append(
-                roc_plot(
-                    predictions["labels"], predictions["probs"], predictions["label_names"], folder / "roc.png", step
-                )
-            )
     return written

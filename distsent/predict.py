@@ -20,7 +20,7 @@ class Predictor:
     """Loads an export once (any head) and classifies batches of texts the way training saw them."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None) -> None:
-        model_dir = Path(model_dir)
+        model_dir = self.model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ConfigError(
                 f"--model {model_dir}: not an exported model (no config.json); give a run's best/ or final/"

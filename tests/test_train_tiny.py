@@ -11,6 +11,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 
 from tests.conftest import TINY, read_summary, run_cli
 
+LABELS = ["negative", "positive"]
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
@@ -149,6 +151,25 @@ def test_a_headerless_file_is_read_with_the_column_names_given(tiny_run: Path, t
     assert [row["text"] for row in written] == ["what a great film", "dull and long"]
     for row in written:
         assert float(row["score"]) == max(float(row["score_negative"]), float(row["score_positive"]))
+
+
+def test_evaluate_draws_the_confusion_matrix_and_roc_of_a_file(tiny_run: Path, tmp_path: Path):
+    heldout = tmp_path / "heldout.csv"
+    heldout.write_text(
+        "text,label\n" + "".join(f"review {i} was {'great' if i % 2 else 'dull'},{LABELS[i % 2]}\n" for i in range(20))
+    )
+    plots = tmp_path / "plots"
+    report = json.loads(
+        run_cli("evaluate", "--model", str(tiny_run / "final"), "--data", str(heldout), "--plots", str(plots)).stdout
+    )
+    assert report["plots"] == [str(plots / "confusion_matrix.png"), str(plots / "roc.png")]
+    for drawn in report["plots"]:
+        assert Path(drawn).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(map(sum, report["confusion_matrix"])) == 20
+    not_a_folder = run_cli(
+        "evaluate", "--model", str(tiny_run / "final"), "--data", str(heldout), "--plots", str(heldout), check=False
+    )
+    assert not_a_folder.returncode == 2 and "a file, not a folder" in not_a_folder.stderr
 
 
 def test_tiny_bert_is_small(tiny_run: Path):
