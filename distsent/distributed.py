@@ -258,11 +258,18 @@ def reconcile_deepspeed_config(ds_config: dict, cfg: Config, world_size: int, pr
 
     The run config is the single source of truth for batch sizes, clipping and precision,
     so a DeepSpeed JSON either says "auto" or agrees with it. The schedule is the run
-    config's too: a "scheduler" section would set the rate before distsent's does, each step."""
+    config's too (a "scheduler" section would set the rate before distsent's does, each
+    step), and so is the optimizer."""
     if "scheduler" in ds_config:
         raise ConfigError(
             'DeepSpeed config has a "scheduler" section, a second learning-rate schedule; remove it: '
             "distsent's linear warmup and decay come from train.lr, train.warmup_steps and train.warmup_ratio"
+        )
+    if "optimizer" in ds_config:
+        # accelerate would stop at prepare() with advice about DummyOptim, code users cannot change.
+        raise ConfigError(
+            'DeepSpeed config has an "optimizer" section; remove it: distsent builds AdamW from train.lr, '
+            "train.weight_decay and train.adam_* (under offload DeepSpeed runs it as its CPU Adam)"
         )
     expected = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,

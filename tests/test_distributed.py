@@ -186,6 +186,14 @@ def test_conflicting_deepspeed_value_is_refused(tmp_path):
     result = run_captured([*command[:6], "1", *command[7:]], timeout=600)
     assert result.returncode != 0
     assert 'DeepSpeed config has a "scheduler" section, a second learning-rate schedule' in result.stderr
+    # An optimizer section is refused by name too (accelerate's own refusal, a traceback from
+    # prepare(), advises a code change).
+    del ds_config["scheduler"]
+    ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}
+    config.write_text(json.dumps(ds_config))
+    result = run_captured([*command[:6], "1", *command[7:]], timeout=600)
+    assert result.returncode != 0 and "DummyOptim" not in result.stderr
+    assert 'DeepSpeed config has an "optimizer" section; remove it' in result.stderr
 
 
 def test_accumulation_from_the_launcher_is_refused_naming_its_source(tmp_path):
