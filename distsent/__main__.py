@@ -62,7 +62,7 @@ def _predict(args: argparse.Namespace) -> int:
         texts += _read_texts(Path(args.file), dataclasses.replace(settings, label_column=settings.text_column))
     rows = predictor.predict(texts, batch_size=args.batch_size, all_scores=args.all_scores)
     if args.output:
-        write_predictions(rows, Path(args.output))
+        write_predictions(rows, Path(args.output), predictor.label_names if args.all_scores else [])
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
     else:
         for row in rows:
@@ -75,6 +75,11 @@ def _file_settings(export_data, path: Path, args: argparse.Namespace, file_flag:
     or headerless column names) where the flags do not say otherwise."""
     from distsent.data import TABLE_SUFFIXES
 
+    if args.column_names and (args.header or path.suffix.lower() not in TABLE_SUFFIXES):
+        raise ConfigError(
+            f"--column-names names the columns of a CSV/TSV file without a header row; {path} "
+            + ("has one (--header)" if args.header else "is not a CSV/TSV file")
+        )
     column_names = _column_names(args.column_names) if args.column_names else export_data.column_names
     # Names given for the columns say the file has none of its own.
     header = args.header if args.header is not None else (export_data.has_header and not args.column_names)

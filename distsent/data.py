@@ -350,10 +350,14 @@ def label_key(label, label_names: list[str] | None) -> str:
 def _label_names(labels: list, configured: list[str] | None) -> list[str]:
     if configured:
         return list(configured)
-    unique = {label_key(label, None) for label in labels}
-    if all(name.lstrip("-").isdigit() for name in unique):
-        return sorted(unique, key=int)
-    return sorted(unique)
+    return _natural_order({label_key(label, None) for label in labels})
+
+
+def _natural_order(names) -> list[str]:
+    """Integer names by value (2 before 10), any others alphabetically."""
+    if all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
 
 
 def _to_ids(
@@ -444,10 +448,12 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     splits = LabeledSplits(texts, labels, label_names, notes)
 
     train_size = len(splits.texts["train"])
-    # Stratified by the label names in sorted order, not by class id: the same data and seed
-    # give the same split whatever order data.labels lists them in (a model trained on with
-    # its labels reordered would otherwise validate on texts it was trained on).
-    name_rank = np.argsort(np.argsort(label_names))
+    # Stratified by the label names in their natural order, not by class id: the same data and
+    # seed give the same split whatever order data.labels lists them in (a model trained on
+    # with its labels reordered would otherwise validate on texts it was trained on). Without
+    # data.labels the two orders are one, so such splits are what they always were.
+    natural = _natural_order(label_names)
+    name_rank = np.asarray([natural.index(name) for name in label_names])
     for split, fraction in (("validation", cfg.validation_fraction), ("test", cfg.test_fraction)):
         if split in splits.texts or fraction == 0.0:
             continue
@@ -460,43 +466,45 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
             column["train"] = [source[i] for i in keep]
         splits.notes.append(f"held out a stratified {fraction:.0%} of train as {split} (seed {cfg.split_seed})")
 
-    _separate_held_out(splits, drop=cfg.deduplicate)
+    if cfg.deduplicate:
+        _drop_held_out_copies(splits)
     _limit(splits, "train", cfg.max_train_samples, cfg.split_seed)
     _limit(splits, "validation", cfg.max_eval_samples, cfg.split_seed)
+    _note_held_out_overlap(splits)
     splits.notes.extend(bad.notes())
     if not splits.texts.get("validation"):
         raise DataError("no validation data: set data.validation_fraction > 0 or give a validation file/split")
+    if "test" in splits.texts and not splits.texts["test"]:
+        raise DataError(f"{cfg.test_file or 'the test split'}: no test rows left after filtering")
     return splits
 
 
-def _separate_held_out(splits: LabeledSplits, drop: bool) -> None:
-    """Note validation and test texts that are also training texts (a review posted twice,
-    split files cut from one dump): the model has seen them, so those metrics read higher
-    than accuracy on unseen text. With data.deduplicate the training copies are dropped."""
-    train_texts = set(splits.texts["train"])
-    shared = {
-        split: sum(text in train_texts for text in splits.texts[split])
-        for split in ("validation", "test")
-        if split in splits.texts
-    }
-    if not any(shared.values()):
-        return
-    if not drop:
-        splits.notes.extend(
-            f"{split}: {count} of {len(splits.texts[split])} texts are also training texts, so its metrics "
-            "overstate accuracy on unseen text (data.deduplicate=true drops the training copies)"
-            for split, count in shared.items()
-            if count
-        )
-        return
-    held_out = {text for split in shared for text in splits.texts[split]}
+def _drop_held_out_copies(splits: LabeledSplits) -> None:
+    """data.deduplicate: drop training rows whose text is also a validation or test text."""
+    held_out = {text for split in ("validation", "test") for text in splits.texts.get(split, [])}
     keep = [i for i, text in enumerate(splits.texts["train"]) if text not in held_out]
+    dropped = len(splits.texts["train"]) - len(keep)
+    if not dropped:
+        return
     if not keep:
         raise DataError("every training text is also a validation or test text; nothing is left to train on")
-    dropped = len(splits.texts["train"]) - len(keep)
     for column in (splits.texts, splits.labels):
         column["train"] = [column["train"][i] for i in keep]
     splits.notes.append(f"train: dropped {dropped} row(s) whose text is also a validation or test text")
+
+
+def _note_held_out_overlap(splits: LabeledSplits) -> None:
+    """Note validation and test texts that are also training texts (a review posted twice,
+    split files cut from one dump): the model has seen them, so those metrics read higher
+    than accuracy on unseen text."""
+    train_texts = set(splits.texts["train"])
+    for split in ("validation", "test"):
+        count = sum(text in train_texts for text in splits.texts.get(split, []))
+        if count:
+            splits.notes.append(
+                f"{split}: {count} of {len(splits.texts[split])} texts are also training texts, so its metrics "
+                "overstate accuracy on unseen text (data.deduplicate=true drops the training copies)"
+            )
 
 
 def _limit(splits: LabeledSplits, split: str, limit: int | None, seed: int) -> None:

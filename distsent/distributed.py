@@ -148,16 +148,6 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
     from accelerate.utils import InitProcessGroupKwargs, TorchDynamoPlugin
 
     precision = resolve_mixed_precision(cfg.train.mixed_precision, info)
-    # accelerate launch exports its --mixed_precision (default `no`); the precision passed
-    # below wins over it, so a flag asking for another would be dropped without a word.
-    launched = os.environ.get(LAUNCH_PRECISION_VARIABLE, "no")
-    if launched not in ("no", precision):
-        raise ConfigError(
-            f"accelerate launch --mixed_precision {launched} ({LAUNCH_PRECISION_VARIABLE}={launched}) asks for "
-            f"{launched}, but train.mixed_precision={cfg.train.mixed_precision} means {precision} here and the run "
-            f"config decides; drop the flag (or mixed_precision in the accelerate config) and set "
-            f"train.mixed_precision={launched}"
-        )
     kwargs_handlers = []
     use_cpu = not info.has_cuda
     if info.use_deepspeed and not info.has_cuda:
@@ -194,6 +184,21 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
                 f"train.mixed_precision=auto: {bf16_ranks.item()} of {accelerator.num_processes} processes found "
                 "bf16 faster than fp32 on their CPU, the others not; set train.mixed_precision=bf16 or no"
             )
+    # accelerate launch exports its --mixed_precision (default `no`); the precision passed
+    # above wins over it, so a flag asking for another would be dropped without a word.
+    # Checked once the processes agree on `auto`'s choice, so all of them refuse together.
+    launched = os.environ.get(LAUNCH_PRECISION_VARIABLE, "no")
+    if launched not in ("no", precision):
+        remedy = (
+            f"set train.mixed_precision={launched}"
+            if launched in ("bf16", "fp16")
+            else "distsent trains in bf16, fp16 or fp32 (no)"
+        )
+        raise ConfigError(
+            f"accelerate launch --mixed_precision {launched} ({LAUNCH_PRECISION_VARIABLE}={launched}) asks for "
+            f"{launched}, but train.mixed_precision={cfg.train.mixed_precision} means {precision} here and the run "
+            f"config decides; drop the flag (or mixed_precision in the accelerate config); {remedy}"
+        )
     if accelerator.num_processes != info.world_size:
         raise RuntimeError(
             f"the launcher started {info.world_size} processes but accelerate sees {accelerator.num_processes}; "

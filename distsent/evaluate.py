@@ -151,7 +151,7 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path, plots_dir: Path
     if plots_dir is not None:
         from distsent.plots import evaluation_plots
 
-        scored = f"{Path(data_cfg.train_file).name}, {predictor.model_dir.name}/"
+        scored = f"{Path(data_cfg.train_file).name}, {predictor.model_dir.resolve().name}/"
         drawn = evaluation_plots(plots_dir, metrics["confusion_matrix"], labels, probs, predictor.label_names, scored)
         metrics["plots"] = [str(path) for path in drawn]
     if read_by_position and not predictor.data.labels:

@@ -90,22 +90,18 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_predictions(rows: list[dict], path: Path) -> None:
+def write_predictions(rows: list[dict], path: Path, score_labels: list[str]) -> None:
     """JSON lines, or a table where the name asks for one (`.csv`, `.tsv`): text, label,
-    score, and with --all-scores a `score_<label>` column per label."""
+    score, and a `score_<label>` column for each of `score_labels` (--all-scores)."""
     delimiter = {".csv": ",", ".tsv": "\t"}.get(path.suffix.lower())
     if delimiter is None:
         write_jsonl(rows, path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    flat = [
-        {key: value for key, value in row.items() if key != "scores"}
-        | {f"score_{name}": p for name, p in row.get("scores", {}).items()}
-        for row in rows
-    ]
+    columns = ["text", "label", "score", *(f"score_{name}" for name in score_labels)]
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(
-            handle, fieldnames=list(flat[0]) if flat else ["text", "label", "score"], delimiter=delimiter
-        )
-        writer.writeheader()
-        writer.writerows(flat)
+        writer = csv.writer(handle, delimiter=delimiter)
+        writer.writerow(columns)
+        for row in rows:
+            scores = row.get("scores", {})
+            writer.writerow([row["text"], row["label"], row["score"], *(scores[name] for name in score_labels)])

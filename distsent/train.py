@@ -70,7 +70,9 @@ class TrainState:
     best_value: float | None = None
     best_step: int = 0
     best_test_metrics: dict | None = None
-    """The test split's metrics for the model in best/, scored when it was selected."""
+    """The test split's metrics for the model in best/, scored when it was selected ..."""
+    best_test_digest: str | None = None
+    """... on the test split of this digest (a resumed run may have been given another)."""
     last_metrics: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     train_tokens: int = 0
@@ -229,9 +231,10 @@ def train(cfg: Config) -> dict:
             eval_set = tokenize(
                 splits.texts["validation"], splits.labels["validation"], tokenizer, cfg.data, eval_digest
             )
-            test_set = None
+            test_set = test_digest = None
             if "test" in splits.texts:
-                test_set = tokenize(splits.texts["test"], splits.labels["test"], tokenizer, cfg.data)
+                test_digest = tokenized_fingerprint(splits.texts["test"], splits.labels["test"], tokenizer, cfg.data)
+                test_set = tokenize(splits.texts["test"], splits.labels["test"], tokenizer, cfg.data, test_digest)
         label_names = splits.label_names
         choices = selectable_metrics(splits.labels["validation"], label_names)
         if cfg.train.best_metric not in choices:
@@ -411,7 +414,7 @@ def train(cfg: Config) -> dict:
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, metrics)
             if improved:
                 state.best_value, state.best_step = metrics[cfg.train.best_metric], state.global_step
-                state.best_test_metrics = test_metrics
+                state.best_test_metrics, state.best_test_digest = test_metrics, test_digest
                 state.evals_without_improvement = 0
                 export_model(
                     accelerator, model, tokenizer, cfg, {"step": state.global_step, **metrics}, output_dir / "best"
@@ -525,6 +528,10 @@ def train(cfg: Config) -> dict:
                 )
                 if should_eval:
                     validate_and_export_best()
+                if state.stopped_early and state.window_micro_batches:
+                    # An early stop falls between logging windows: its last steps are logged
+                    # now, before a checkpoint of this step could carry them into a resume.
+                    log_training_window()
 
                 should_checkpoint = (
                     (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
@@ -545,7 +552,7 @@ def train(cfg: Config) -> dict:
                 log.info("early stop at step %d: %s", state.global_step, state.stopped_early)
 
         if state.window_micro_batches:
-            # An early stop falls between logging windows: its last steps are logged and counted.
+            # Still open only where a resume redid the validation that stopped the run early.
             log_training_window()
         export_model(
             accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final"
@@ -574,9 +581,17 @@ def train(cfg: Config) -> dict:
             "stopped_early": state.stopped_early,
             "eval": state.last_metrics,
         }
-        if state.best_test_metrics is not None:
+        if test_set is not None and state.best_test_metrics is not None and state.best_test_digest == test_digest:
             summary["test"] = {**state.best_test_metrics, "model_step": state.best_step}
             run_logger.log_eval(state.global_step, state.global_step / steps_per_epoch, summary["test"], split="test")
+        elif test_set is not None:
+            # best/ was chosen before this run was given its test split (a resume): only best/ can say.
+            log.warning(
+                "no test score: best/ (step %d) was chosen before this test split was given; "
+                "score it with `distsent evaluate --model %s --data <the test file>`",
+                state.best_step,
+                output_dir / "best",
+            )
         if accelerator.is_main_process:
             (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
             if last_predictions is not None:

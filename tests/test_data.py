@@ -59,6 +59,18 @@ def test_the_held_out_split_does_not_depend_on_the_order_of_data_labels():
     assert reordered.texts["validation"] == listed.texts["validation"]
 
 
+def test_integer_labels_split_as_they_always_did(tmp_path):
+    """Twelve integer classes (10 sorts before 2 as text): the split by natural label order
+    is the split by class id that runs made before, so their checkpoints still resume."""
+    path = tmp_path / "twelve.csv"
+    path.write_text("text,label\n" + "".join(f"text {i},{i % 12}\n" for i in range(600)))
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}"))
+    assert splits.label_names == [str(i) for i in range(12)]
+    ids = [i % 12 for i in range(600)]
+    _, held = stratified_split(ids, 0.1, seed=42)
+    assert splits.texts["validation"] == [f"text {i}" for i in held]
+
+
 def test_smile_broken_first_record_is_refused_by_default():
     with pytest.raises(DataError, match=r"smile-annotations-final.csv:1: malformed row: expected 3 fields"):
         load_labeled_splits(data_cfg(*SMILE_ARGS))

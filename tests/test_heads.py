@@ -353,15 +353,17 @@ def test_class_weighted_steps_do_not_depend_on_the_micro_batch_split(tmp_path, h
 
 def test_class_weights_and_early_stopping_target(tmp_path):
     out = tmp_path / "weighted"
-    result = run_cli(
+    args = [
         "train",
         *TINY,
         "train.class_weights=balanced",
         "train.max_steps=40",
         "train.eval_every_steps=4",
         "train.early_stopping_target=0.0",
+        "checkpoint.every_steps=4",
         f"output_dir={out}",
-    )
+    ]
+    result = run_cli(*args)
     assert "class weights" in result.stderr
     summary = read_summary(out)
     assert summary["global_step"] == 4 and "reached the target" in summary["stopped_early"]
@@ -370,6 +372,10 @@ def test_class_weights_and_early_stopping_target(tmp_path):
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [event for event in events if event["event"] == "train"]
     assert [event["step"] for event in logged] == [4] and logged[0]["loss"] > 0
+    # Logged before the stop step's checkpoint: a resume from it does not log those steps again.
+    run_cli(*args, f"train.resume={out / 'checkpoints' / 'step-00000004'}")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [event["step"] for event in events if event["event"] == "train"] == [4]
 
 
 def test_early_stopping_that_cannot_fire_is_said(tmp_path):

@@ -501,3 +501,55 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
     (kept,) = run.glob("best.before-*")
     assert (kept / "model.safetensors").read_bytes() == before
     assert not list(run.glob(".*.tmp-*")), "a half-written export was left behind"
+
+
+def test_a_test_score_is_reported_only_for_the_test_split_best_was_scored_on(tmp_path):
+    """The test score is taken when best/ is chosen and kept in checkpoints; a resume given
+    another test file must not report the old file's score as this one's."""
+    import csv
+    import random
+
+    from distsent.config import load_config
+    from distsent.data import load_labeled_splits
+
+    splits = load_labeled_splits(load_config(None, ["data.test_fraction=0.1"]).data)
+    rows = {split: list(zip(splits.texts[split], splits.labels[split], strict=True)) for split in splits.texts}
+    for split in rows:
+        random.Random(0).shuffle(rows[split])  # the embedded file is sorted by label
+    files = {}
+    for name, split, start, count in [
+        ("train", "train", 0, 256),
+        ("val", "validation", 0, 50),
+        ("test", "test", 0, 100),
+        ("other_test", "test", 100, 100),
+    ]:
+        files[name] = tmp_path / f"{name}.csv"
+        with files[name].open("w", newline="") as handle:
+            csv.writer(handle).writerows(
+                [("text", "label")] + [(text, splits.label_names[label]) for text, label in rows[split][start:][:count]]
+            )
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "model.name=tiny-bert",
+        "train.batch_size=8",
+        "train.mixed_precision=no",
+        "data.dataset=files",
+        f"data.train_file={files['train']}",
+        f"data.validation_file={files['val']}",
+        "train.lr=1e-3",  # validation accuracy peaks at step 2 of 8 here
+        "train.eval_every_steps=2",
+        "train.max_steps=8",
+        "checkpoint.every_steps=2",
+        f"output_dir={run}",
+    ]
+    run_cli(*args, f"data.test_file={files['test']}")
+    first = read_summary(run)
+    assert first["best_metric"]["step"] == 2 and first["test"]["model_step"] == 2
+    resume = f"train.resume={run / 'checkpoints' / 'step-00000004'}"
+    other = run_cli(*args, f"data.test_file={files['other_test']}", resume)
+    assert "no test score: best/ (step 2) was chosen before this test split was given" in other.stderr
+    assert read_summary(run)["best_metric"]["step"] == 2 and "test" not in read_summary(run)
+    # The same test file again: the score kept in the checkpoint is reported.
+    run_cli(*args, f"data.test_file={files['test']}", resume)
+    assert read_summary(run)["test"] == first["test"]

@@ -142,6 +142,8 @@ def test_a_headerless_file_is_read_with_the_column_names_given(tiny_run: Path, t
     assert [json.loads(line)["text"] for line in named.stdout.splitlines()] == ["what a great film", "dull and long"]
     repeated = run_cli(*predict, "--column-names", "text,text", check=False)
     assert repeated.returncode == 2 and "--column-names text,text: give distinct" in repeated.stderr
+    with_header = run_cli(*predict, "--column-names", "id,text", "--header", check=False)
+    assert with_header.returncode == 2 and "has one (--header)" in with_header.stderr
     # A .csv output is a table, with a score column per label under --all-scores.
     table = tmp_path / "predictions.csv"
     run_cli(*predict, "--column-names", "id,text", "--all-scores", "--output", str(table))
