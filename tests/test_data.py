@@ -71,6 +71,14 @@ def test_integer_labels_split_as_they_always_did(tmp_path):
     assert splits.texts["validation"] == [f"text {i}" for i in held]
 
 
+def test_a_test_file_with_no_usable_row_is_refused(tmp_path):
+    train = write(tmp_path / "train.csv", GOOD)
+    test = write(tmp_path / "test.csv", "text,label\nodd one,neutral\n")
+    files = ["data.dataset=files", f"data.train_file={train}", f"data.test_file={test}", "data.bad_rows=skip"]
+    with pytest.raises(DataError, match=r"test.csv: no test rows left after filtering"):
+        load_labeled_splits(data_cfg(*files))
+
+
 def test_smile_broken_first_record_is_refused_by_default():
     with pytest.raises(DataError, match=r"smile-annotations-final.csv:1: malformed row: expected 3 fields"):
         load_labeled_splits(data_cfg(*SMILE_ARGS))
