@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from distsent.checkpoint import EXPORT_CONFIG_NAME
 from distsent.config import ConfigError, DataConfig, config_from_dict, first_line, read_yaml
-from distsent.data import clean_text, encode_texts
+from distsent.data import TABLE_SUFFIXES, clean_text, encode_texts
 from distsent.modeling import label_names_of, load_classifier, probabilities, require_vocabulary
 
 
@@ -93,7 +93,7 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 def write_predictions(rows: list[dict], path: Path, score_labels: list[str]) -> None:
     """JSON lines, or a table where the name asks for one (`.csv`, `.tsv`): text, label,
     score, and a `score_<label>` column for each of `score_labels` (--all-scores)."""
-    delimiter = {".csv": ",", ".tsv": "\t"}.get(path.suffix.lower())
+    delimiter = TABLE_SUFFIXES.get(path.suffix.lower())
     if delimiter is None:
         write_jsonl(rows, path)
         return
