@@ -447,12 +447,10 @@ def train(cfg: Config) -> dict:
                 values["grad_norm"] = float(grad_norm)
             state.last_train_loss = values["loss"]
             run_logger.log_train(state.global_step, values)
-            run_logger.advance(
-                0,
-                loss=values["loss"],
-                tok_s=values["tokens_per_second"],
-                **({"lr": step_lr} if step_lr is not None else {}),
-            )
+            postfix = {"loss": values["loss"], "tok_s": values["tokens_per_second"]}
+            if "lr" in values:
+                postfix["lr"] = values["lr"]
+            run_logger.advance(0, **postfix)
             state.train_tokens += tokens_sum
             window_loss.zero_()
             window_tokens.zero_()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
@@ -110,6 +112,13 @@ def tcmalloc() -> str:
 
 def read_summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "summary.json").read_text())
+
+
+def write_labeled_csv(path: Path, rows: Iterable[tuple[str, str]], header: tuple[str, str] = ("text", "label")) -> Path:
+    """(text, label name) rows as a CSV with a header row, as a user would bring them."""
+    with path.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return path
 
 
 def launch(

@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 from distsent.config import load_config
 from distsent.data import load_labeled_splits
 from distsent.modeling import build_model, build_tokenizer, load_classifier, tiny_bert_config
-from tests.conftest import TINY, max_weight_difference, read_summary, run_cli
+from tests.conftest import TINY, max_weight_difference, read_summary, run_cli, write_labeled_csv
 
 HEADS = {
     "cls": ["model.head=cls"],
@@ -30,13 +30,9 @@ def heldout_file(tmp_path_factory) -> Path:
     """A labelled CSV of validation texts (101 rows), as a user would bring."""
     cfg = load_config(None, TINY)
     splits = load_labeled_splits(cfg.data)
-    path = tmp_path_factory.mktemp("heldout") / "heldout.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["review", "sentiment"])
-        for text, label in zip(splits.texts["validation"], splits.labels["validation"], strict=True):
-            writer.writerow([text, splits.label_names[label]])
-    return path
+    names = map(splits.label_names.__getitem__, splits.labels["validation"])
+    rows = zip(splits.texts["validation"], names, strict=True)
+    return write_labeled_csv(tmp_path_factory.mktemp("heldout") / "heldout.csv", rows, header=("review", "sentiment"))
 
 
 @pytest.mark.parametrize("name", list(HEADS))
@@ -322,15 +318,8 @@ def test_optional_test_split_is_scored_by_the_model_in_best(tmp_path):
     assert [e["split"] for e in events if e["event"] == "eval"][-1] == "test"
     # The same numbers as best/ scores on the test split's texts.
     test_split = load_labeled_splits(load_config(None, settings).data)
-    test_file = tmp_path / "test.csv"
-    with test_file.open("w", newline="") as handle:
-        csv.writer(handle).writerows(
-            [("text", "label")]
-            + [
-                (text, test_split.label_names[label])
-                for text, label in zip(test_split.texts["test"], test_split.labels["test"], strict=True)
-            ]
-        )
+    names = map(test_split.label_names.__getitem__, test_split.labels["test"])
+    test_file = write_labeled_csv(tmp_path / "test.csv", zip(test_split.texts["test"], names, strict=True))
     report = json.loads(run_cli("evaluate", "--model", str(out / "best"), "--data", str(test_file)).stdout)
     assert report["num_examples"] == 853
     # Batched differently here: allow one example at a near-tie to fall the other way.

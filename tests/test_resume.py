@@ -34,6 +34,7 @@ from tests.conftest import (
     max_weight_difference,
     read_summary,
     run_cli,
+    write_labeled_csv,
 )
 
 pytestmark = pytest.mark.slow
@@ -506,7 +507,6 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path):
 def test_a_test_score_is_reported_only_for_the_test_split_best_was_scored_on(tmp_path):
     """The test score is taken when best/ is chosen and kept in checkpoints; a resume given
     another test file must not report the old file's score as this one's."""
-    import csv
     import random
 
     from distsent.config import load_config
@@ -523,11 +523,8 @@ def test_a_test_score_is_reported_only_for_the_test_split_best_was_scored_on(tmp
         ("test", "test", 0, 100),
         ("other_test", "test", 100, 100),
     ]:
-        files[name] = tmp_path / f"{name}.csv"
-        with files[name].open("w", newline="") as handle:
-            csv.writer(handle).writerows(
-                [("text", "label")] + [(text, splits.label_names[label]) for text, label in rows[split][start:][:count]]
-            )
+        chosen = [(text, splits.label_names[label]) for text, label in rows[split][start:][:count]]
+        files[name] = write_labeled_csv(tmp_path / f"{name}.csv", chosen)
     run = tmp_path / "run"
     args = [
         "train",
