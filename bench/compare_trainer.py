@@ -237,13 +237,14 @@ def model_flops(
     flops_per_second = tokens_per_second * per_token
     mfu_bf16 = flops_per_second / peaks["bf16"]
     best_peak = max(peaks.values())
+    higher = max(peaks, key=peaks.get)
     formula = (
         f"FLOPs/token = 6 x N + 12 x L x H x S = 6 x {params['non_embedding_per_token']:,} + "
         f"12 x {layers} x {hidden} x {seq_len:.2f} = {dense:,.0f} + {attention:,.0f} = {per_token:,.0f}; "
         f"model FLOP/s = {tokens_per_second:,.1f} real tokens/s x {per_token:,.0f} = {flops_per_second / 1e9:,.2f} GFLOP/s; "
         f"MFU = {flops_per_second / 1e9:,.2f} / {peaks['bf16'] / 1e9:,.1f} GFLOP/s bf16 peak = {mfu_bf16:.1%} "
         f"({flops_per_second / peaks['fp32']:.1%} of the {peaks['fp32'] / 1e9:,.1f} GFLOP/s fp32 peak; "
-        f"{flops_per_second / best_peak:.1%} of the higher)"
+        f"{flops_per_second / best_peak:.1%} of the higher, the {higher} peak)"
     )
     executed = per_token
     executed_fraction = flops_per_second / best_peak

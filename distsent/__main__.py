@@ -52,17 +52,24 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError(
             "predict: give texts, or --file with one text per line (or a CSV/TSV/JSONL and --text-column)"
         )
+    if args.id_column and (args.texts or not args.file):
+        raise ConfigError(
+            "predict: --id-column names a column of --file; give the texts in that file, not as arguments"
+        )
     if args.file and args.output:
         _refuse_overwriting_input(Path(args.output), Path(args.file), "--output", "--file")
     predictor = Predictor(args.model)
-    texts = list(args.texts)
+    texts, ids = list(args.texts), None
     if args.file:
-        # Unlabelled files are fine here: the label column is only required by evaluate.
         settings = _file_settings(predictor.data, Path(args.file), args, "--file")
-        texts += _read_texts(Path(args.file), dataclasses.replace(settings, label_column=settings.text_column))
+        file_texts, ids = _read_texts(Path(args.file), settings, args.id_column)
+        texts += file_texts
     rows = predictor.predict(texts, batch_size=args.batch_size, all_scores=args.all_scores)
+    if ids is not None:
+        rows = [{"id": row_id, **row} for row_id, row in zip(ids, rows, strict=True)]
     if args.output:
-        write_predictions(rows, Path(args.output), predictor.label_names if args.all_scores else [])
+        score_labels = predictor.label_names if args.all_scores else []
+        write_predictions(rows, Path(args.output), score_labels, with_ids=ids is not None)
         print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
     else:
         for row in rows:
@@ -108,11 +115,14 @@ def _column_names(text: str) -> list[str]:
     return names
 
 
-def _read_texts(path: Path, cfg) -> list[str]:
-    """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet file."""
+def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list | None]:
+    """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet
+    file, and with `id_column` each row's value in that column, to carry into its prediction."""
     from distsent.data import PREDICT_FLAGS, BadRows, DataError, read_file
 
     if path.suffix.lower() == ".txt":
+        if id_column:
+            raise ConfigError(f"--id-column {id_column}: {path} is one text per line, without columns")
         if not path.is_file():
             raise DataError(f"{path}: file not found")
         raw = path.read_bytes()
@@ -124,12 +134,15 @@ def _read_texts(path: Path, cfg) -> list[str]:
         texts = [line for line in lines if line.strip()]
         if not texts:
             raise DataError(f"{path}: no texts (one per line)")
-        return texts
-    rows = read_file(str(path), cfg, BadRows("error", PREDICT_FLAGS))
+        return texts, None
+    # Unlabelled files are fine here: the reader's second column is the ids, or the text again.
+    second_column = dataclasses.replace(cfg, label_column=id_column or cfg.text_column)
+    flags = dataclasses.replace(PREDICT_FLAGS, label_column="--id-column")
+    rows = read_file(str(path), second_column, BadRows("error", flags))
     for text, origin in zip(rows.texts, rows.origins, strict=True):
         if not isinstance(text, str):
             raise DataError(f"{origin}: {text!r} in the text column (--text-column {cfg.text_column}) is not text")
-    return rows.texts
+    return rows.texts, rows.labels if id_column else None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -231,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text-column", help="text column of --file (default: the one the model was trained on)")
     predict.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
     predict.add_argument("--column-names", help=COLUMN_NAMES_HELP)
+    predict.add_argument("--id-column", help='column of --file to carry into each prediction as its "id"')
     predict.add_argument(
         "--output", help="write the predictions here instead of printing them: JSON lines, or a table for .csv/.tsv"
     )

@@ -90,18 +90,18 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_predictions(rows: list[dict], path: Path, score_labels: list[str]) -> None:
-    """JSON lines, or a table where the name asks for one (`.csv`, `.tsv`): text, label,
-    score, and a `score_<label>` column for each of `score_labels` (--all-scores)."""
+def write_predictions(rows: list[dict], path: Path, score_labels: list[str], with_ids: bool = False) -> None:
+    """JSON lines, or a table where the name asks for one (`.csv`, `.tsv`): id (`with_ids`),
+    text, label, score, and a `score_<label>` column for each of `score_labels` (--all-scores)."""
     delimiter = TABLE_SUFFIXES.get(path.suffix.lower())
     if delimiter is None:
         write_jsonl(rows, path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["text", "label", "score", *(f"score_{name}" for name in score_labels)]
+    columns = [*(["id"] if with_ids else []), "text", "label", "score"]
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter=delimiter)
-        writer.writerow(columns)
+        writer.writerow([*columns, *(f"score_{name}" for name in score_labels)])
         for row in rows:
             scores = row.get("scores", {})
-            writer.writerow([row["text"], row["label"], row["score"], *(scores[name] for name in score_labels)])
+            writer.writerow([*(row[column] for column in columns), *(scores[name] for name in score_labels)])

@@ -155,6 +155,30 @@ def test_a_headerless_file_is_read_with_the_column_names_given(tiny_run: Path, t
         assert float(row["score"]) == max(float(row["score_negative"]), float(row["score_positive"]))
 
 
+def test_predictions_carry_the_id_column_given(tiny_run: Path, tmp_path: Path):
+    """Each prediction keeps its row's id, so a user can join predictions back to the file."""
+    records = [{"review_id": 17, "text": "what a great film"}, {"review_id": "b-2", "text": "dull and long"}]
+    texts = tmp_path / "reviews.jsonl"
+    texts.write_text("".join(json.dumps(record) + "\n" for record in records))
+    predict = ["predict", "--model", str(tiny_run / "final"), "--file", str(texts), "--id-column", "review_id"]
+    printed = [json.loads(line) for line in run_cli(*predict).stdout.splitlines()]
+    assert [(row["id"], row["text"]) for row in printed] == [(17, "what a great film"), ("b-2", "dull and long")]
+    table = tmp_path / "predictions.tsv"
+    run_cli(*predict, "--output", str(table))
+    with table.open(newline="", encoding="utf-8") as handle:
+        written = list(csv.DictReader(handle, delimiter="\t"))
+    assert list(written[0]) == ["id", "text", "label", "score"]
+    assert [(row["id"], row["label"]) for row in written] == [("17", printed[0]["label"]), ("b-2", printed[1]["label"])]
+    # Every row needs its id; a missing one stops at its line.
+    texts.write_text(texts.read_text() + json.dumps({"text": "no id here"}) + "\n")
+    missing = run_cli(*predict, check=False)
+    assert missing.returncode == 2 and f"{texts}:3: malformed row: no review_id" in missing.stderr
+    unknown = run_cli(*predict[:-1], "id", check=False)
+    assert unknown.returncode == 2 and "no column 'id' (--id-column)" in unknown.stderr
+    as_arguments = run_cli("predict", "--model", str(tiny_run / "final"), "--id-column", "id", "a text", check=False)
+    assert as_arguments.returncode == 2 and "--id-column names a column of --file" in as_arguments.stderr
+
+
 def test_evaluate_draws_the_confusion_matrix_and_roc_of_a_file(tiny_run: Path, tmp_path: Path):
     heldout = tmp_path / "heldout.csv"
     heldout.write_text(
