@@ -139,9 +139,11 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
     second_column = dataclasses.replace(cfg, label_column=id_column or cfg.text_column)
     flags = dataclasses.replace(PREDICT_FLAGS, label_column="--id-column")
     rows = read_file(str(path), second_column, BadRows("error", flags))
-    for text, origin in zip(rows.texts, rows.origins, strict=True):
+    for text, row_id, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
         if not isinstance(text, str):
             raise DataError(f"{origin}: {text!r} in the text column (--text-column {cfg.text_column}) is not text")
+        if id_column and (row_id is None or str(row_id).strip() == ""):
+            raise DataError(f"{origin}: no id in the id column (--id-column {id_column})")
     return rows.texts, rows.labels if id_column else None
 
 

@@ -44,9 +44,27 @@ def sync_tree(folder: Path) -> None:
     _fsync(folder)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
+def open_to_umask(folder: Path) -> None:
+    """Give every file under `folder` the permissions the user's umask gives new files.
+
+    transformers writes model.safetensors with mode 0600, beside 0644 for the rest of an
+    export, so on a shared cluster the user's group could read the config but not the weights."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
+
+
 def replace_directory(staging: Path, target: Path) -> None:
     """Move a completed `staging` folder to `target`, keeping the old one until the new is in
     place; the data reaches the disk before the rename that publishes it."""
+    open_to_umask(staging)
     sync_tree(staging)
     retired = None
     if target.exists():
@@ -325,6 +343,33 @@ def _deepspeed_safe_globals() -> list:
     except ImportError:
         return []
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def carry_best_export(checkpoint: Path, output_dir: Path, best_step: int) -> str | None:
+    """For a run resumed into another folder: copy the best/ that the checkpoint's own run
+    exported, where it still holds the checkpoint's best step; else say why there is none.
+    Returns what was done, for the log, or None where there was nothing to do."""
+    source = Path(checkpoint).parent.parent  # <run>/checkpoints/step-N
+    target = output_dir / "best"
+    if not best_step or source.resolve() == output_dir.resolve() or _export_step(target) == best_step:
+        return None
+    if _export_step(source / "best") != best_step:
+        return (
+            f"{target} is missing: best/ of step {best_step}, which this checkpoint records as its best, "
+            f"is not in {source} any more; a best/ is exported here only when a later validation beats it"
+        )
+    staging = staging_dir(target)
+    shutil.copytree(source / "best", staging)
+    replace_directory(staging, target)
+    return f"resumed into a new folder: copied {source / 'best'} (step {best_step}) to {target}"
+
+
+def _export_step(export: Path) -> int | None:
+    """The step an export was taken at, from its metrics.json; None if unreadable."""
+    try:
+        return json.loads((export / "metrics.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def rollback_history(output_dir: Path, step: int) -> int:

@@ -103,7 +103,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "embedded:rotten_tomatoes"
-    """`embedded:rotten_tomatoes`, `embedded:imdb`, `hub:NAME[/CONFIG]`, or `files` (train_file etc.)."""
+    """`embedded:rotten_tomatoes`, `embedded:imdb`, `hub:NAME` (its subset in hub_subset), or `files` (train_file etc.)."""
     train_file: str | None = None
     """Local training file (CSV, TSV, JSON, JSONL, Parquet) when dataset=files."""
     validation_file: str | None = None
@@ -146,7 +146,7 @@ class DataConfig:
     truncation: Literal["head", "head_tail"] = "head"
     """Long texts keep their first tokens (`head`) or their first head_tokens and last tokens (`head_tail`)."""
     head_tokens: int = 128
-    """With truncation=head_tail: tokens kept from the start; the rest of max_length comes from the end."""
+    """With truncation=head_tail: tokens kept from the start; the rest of max_length comes from the end. 128 suits max_length 512; set about a quarter of max_length for others."""
     cache_tokenized: bool = True
     """Keep tokenised splits as Arrow files in the datasets cache (HF_DATASETS_CACHE), named by a
     fingerprint of the texts, labels, tokenizer and truncation settings; reruns load them."""
@@ -169,10 +169,20 @@ class DataConfig:
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise ConfigError("data.validation_fraction + data.test_fraction must be < 1")
         _check_range("data.max_length", self.max_length, 8, 8192)
-        if self.truncation == "head_tail":
-            _check_range("data.head_tokens", self.head_tokens, 0, self.max_length - 2)
+        budget = self.max_length - 2  # [CLS] and [SEP] take two
+        if self.truncation == "head_tail" and not 0 <= self.head_tokens <= budget:
+            # The default, 128, is the 128 + 382 split of 512 tokens; other lengths need their own.
+            raise ConfigError(
+                f"data.head_tokens must be in [0, {budget}] with data.max_length={self.max_length}, got "
+                f"{self.head_tokens}; a quarter from the start, as 128 of 510 at max_length 512, is "
+                f"data.head_tokens={math.ceil(budget / 4)}"
+            )
         if not self.has_header and not self.column_names:
             raise ConfigError("data.column_names is required when data.has_header=false")
+        for key, names in (("data.labels", self.labels or []), ("data.column_names", self.column_names or [])):
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ConfigError(f"{key} lists {', '.join(map(repr, repeated))} more than once: {names}")
         _check_range("data.max_train_samples", self.max_train_samples, 1, None, allow_none=True)
         _check_range("data.max_eval_samples", self.max_eval_samples, 1, None, allow_none=True)
         if self.dataset == "files" and not self.train_file:
@@ -284,7 +294,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int | None = None
-    """Write a resumable full-state checkpoint every N optimizer steps (epoch ends always write one)."""
+    """Write a resumable full-state checkpoint every N optimizer steps (the last step is exported to final/ instead)."""
     at_epoch_end: bool = True
     """Also write a resumable checkpoint at the end of every epoch."""
     keep_last: int = 2
@@ -366,6 +376,23 @@ def _check_range(
         raise ConfigError(f"{key} must be in {bracket}{low}, {upper}, got {value}")
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}
+
+
+def _describe_type(annotation: Any) -> str:
+    """A type annotation in a user's words: `'balanced', a list of numbers or null`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        words = [_describe_type(arg) for arg in args]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if origin is Literal:
+        return " or ".join(repr(choice) for choice in args)
+    if origin is list:
+        item = _describe_type(args[0]).removeprefix("an ").removeprefix("a ")
+        return f"a list of {item}s"
+    return _TYPE_WORDS.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check `value` against a field's type annotation, converting only where lossless."""
     origin = typing.get_origin(annotation)
@@ -383,7 +410,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         shaped = [error for arg, error in errors.items() if isinstance(value, list) and typing.get_origin(arg) is list]
         if len(errors) == 1 or len(shaped) == 1:
             raise ConfigError((shaped or list(errors.values()))[0])
-        raise ConfigError(f"{key}: got {value!r}, which fits none of {annotation}")
+        raise ConfigError(f"{key} must be {_describe_type(annotation)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             choices = "|".join(str(a) for a in args)

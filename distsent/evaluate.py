@@ -102,7 +102,7 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path, plots_dir: Path
     misclassified rows. The file is read as the training data was: the same readers, bad-row
     policy and filters (multi-label rows, data.drop_labels), each counted in the notes."""
     from distsent.data import CLI_FLAGS, BadRows, clean_and_filter, label_key, read_file
-    from distsent.predict import write_jsonl
+    from distsent.predict import write_records
 
     bad = BadRows(data_cfg.bad_rows, CLI_FLAGS)
     rows = read_file(data_cfg.train_file, data_cfg, bad)
@@ -143,7 +143,7 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path, plots_dir: Path
         for i, (text, gold, guess, origin) in enumerate(zip(texts, labels, predicted, origins, strict=True))
         if gold != guess
     ]
-    write_jsonl(wrong, misclassified_path)
+    write_records(wrong, misclassified_path, ["line", "text", "gold", "predicted", "confidence"])
     metrics["skipped_rows"] = sum(bad.skipped.values())
     metrics["dropped_rows"] = dropped
     metrics["notes"] = notes + bad.notes()

@@ -90,18 +90,23 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_predictions(rows: list[dict], path: Path, score_labels: list[str], with_ids: bool = False) -> None:
-    """JSON lines, or a table where the name asks for one (`.csv`, `.tsv`): id (`with_ids`),
-    text, label, score, and a `score_<label>` column for each of `score_labels` (--all-scores)."""
+def write_records(rows: list[dict], path: Path, columns: list[str]) -> None:
+    """JSON lines, or a table of `columns` where the name asks for one (`.csv`, `.tsv`)."""
     delimiter = TABLE_SUFFIXES.get(path.suffix.lower())
     if delimiter is None:
         write_jsonl(rows, path)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = [*(["id"] if with_ids else []), "text", "label", "score"]
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter=delimiter)
-        writer.writerow([*columns, *(f"score_{name}" for name in score_labels)])
-        for row in rows:
-            scores = row.get("scores", {})
-            writer.writerow([*(row[column] for column in columns), *(scores[name] for name in score_labels)])
+        writer.writerow(columns)
+        writer.writerows([row[column] for column in columns] for row in rows)
+
+
+def write_predictions(rows: list[dict], path: Path, score_labels: list[str], with_ids: bool = False) -> None:
+    """JSON lines, or a table where the name asks for one (`.csv`, `.tsv`): id (`with_ids`),
+    text, label, score, and a `score_<label>` column for each of `score_labels` (--all-scores)."""
+    score_columns = {f"score_{name}": name for name in score_labels}
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        rows = [{**row, **{column: row["scores"][name] for column, name in score_columns.items()}} for row in rows]
+    write_records(rows, path, [*(["id"] if with_ids else []), "text", "label", "score", *score_columns])

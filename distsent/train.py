@@ -22,6 +22,7 @@ from distsent.checkpoint import (
     RUN_CONFIG_NAME,
     SUMMARY_FILE,
     archive_previous_run,
+    carry_best_export,
     export_model,
     load_checkpoint,
     read_checkpoint_payload,
@@ -311,6 +312,9 @@ def train(cfg: Config) -> dict:
             # run leaves the folder as the earlier run left it.
             output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, output_dir / RUN_CONFIG_NAME)
+            carried = resume_from and carry_best_export(resume_from, output_dir, state.best_step)
+            if carried:
+                log.warning(carried)
 
         run_logger = RunLogger(
             cfg,

@@ -42,6 +42,13 @@ def test_yaml_then_overrides_win(tmp_path: Path):
         ("train.max_grad_norm=.nan", "train.max_grad_norm must be a finite number"),
         ("train.epochs=.inf", "train.epochs must be a finite number, got inf"),
         ("train.class_weights=[1, .nan]", "train.class_weights[1] must be a finite number"),
+        ("train.class_weights=foo", "train.class_weights must be 'balanced', a list of numbers or null, got 'foo'"),
+        ("data.labels=[a, b, a]", "data.labels lists 'a' more than once"),
+        # head_tokens' default suits max_length 512; at the default 128 the message gives a value.
+        (
+            "data.truncation=head_tail",
+            "got 128; a quarter from the start, as 128 of 510 at max_length 512, is data.head_tokens=32",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override: str, fragment: str):

@@ -550,3 +550,14 @@ def test_a_test_score_is_reported_only_for_the_test_split_best_was_scored_on(tmp
     # The same test file again: the score kept in the checkpoint is reported.
     run_cli(*args, f"data.test_file={files['test']}", resume)
     assert read_summary(run)["test"] == first["test"]
+    # Resumed into another folder: best/ comes along, so the score has its model beside it.
+    elsewhere = [*args[:-1], f"data.test_file={files['test']}", resume]
+    moved = tmp_path / "moved"
+    result = run_cli(*elsewhere, f"output_dir={moved}")
+    assert f"copied {run / 'best'} (step 2) to {moved / 'best'}" in result.stderr
+    assert (moved / "best" / "model.safetensors").read_bytes() == (run / "best" / "model.safetensors").read_bytes()
+    assert read_summary(moved)["test"] == first["test"]
+    # Where that best/ is gone, the run says so instead of pointing at a folder that is not there.
+    shutil.rmtree(run / "best")
+    gone = run_cli(*elsewhere, f"output_dir={tmp_path / 'gone'}")
+    assert "best/ of step 2, which this checkpoint records as its best, is not in" in gone.stderr

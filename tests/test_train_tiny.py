@@ -72,6 +72,9 @@ def test_export_loads_in_transformers(tiny_run: Path, which: str):
     files = {p.name for p in export.iterdir()}
     assert "model.safetensors" in files and "config.json" in files and "distsent_config.yaml" in files
     assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files), files
+    # Readable by whoever may read the config beside it (transformers writes the weights 0600).
+    modes = {path.name: path.stat().st_mode & 0o777 for path in export.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
     model = AutoModelForSequenceClassification.from_pretrained(export)
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert model.config.label2id == {"negative": 0, "positive": 1}
@@ -169,10 +172,14 @@ def test_predictions_carry_the_id_column_given(tiny_run: Path, tmp_path: Path):
         written = list(csv.DictReader(handle, delimiter="\t"))
     assert list(written[0]) == ["id", "text", "label", "score"]
     assert [(row["id"], row["label"]) for row in written] == [("17", printed[0]["label"]), ("b-2", printed[1]["label"])]
-    # Every row needs its id; a missing one stops at its line.
+    # Every row needs its id; a missing or empty one stops at its line.
     texts.write_text(texts.read_text() + json.dumps({"text": "no id here"}) + "\n")
     missing = run_cli(*predict, check=False)
     assert missing.returncode == 2 and f"{texts}:3: malformed row: no review_id" in missing.stderr
+    table_in = tmp_path / "reviews.csv"
+    table_in.write_text("review_id,text\n1,what a great film\n,dull and long\n")
+    empty = run_cli(*predict[:4], str(table_in), *predict[5:], check=False)
+    assert empty.returncode == 2 and f"{table_in}:3: no id in the id column (--id-column review_id)" in empty.stderr
     unknown = run_cli(*predict[:-1], "id", check=False)
     assert unknown.returncode == 2 and "no column 'id' (--id-column)" in unknown.stderr
     as_arguments = run_cli("predict", "--model", str(tiny_run / "final"), "--id-column", "id", "a text", check=False)
@@ -192,6 +199,14 @@ def test_evaluate_draws_the_confusion_matrix_and_roc_of_a_file(tiny_run: Path, t
     for drawn in report["plots"]:
         assert Path(drawn).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(map(sum, report["confusion_matrix"])) == 20
+    # Misclassified rows as JSON lines beside the data by default, or as a table a .csv asks for.
+    wrong = [json.loads(line) for line in Path(report["misclassified_file"]).read_text().splitlines()]
+    assert wrong, "the check needs misclassified rows"
+    table = tmp_path / "wrong.csv"
+    run_cli("evaluate", "--model", str(tiny_run / "final"), "--data", str(heldout), "--misclassified", str(table))
+    with table.open(newline="", encoding="utf-8") as handle:
+        tabled = list(csv.DictReader(handle))
+    assert [list(row.items()) for row in tabled] == [[(k, str(v)) for k, v in row.items()] for row in wrong]
     not_a_folder = run_cli(
         "evaluate", "--model", str(tiny_run / "final"), "--data", str(heldout), "--plots", str(heldout), check=False
     )
