@@ -179,6 +179,10 @@ class DataConfig:
             )
         if not self.has_header and not self.column_names:
             raise ConfigError("data.column_names is required when data.has_header=false")
+        if self.labels is not None and len(self.labels) < 2:
+            raise ConfigError(
+                f"data.labels lists {len(self.labels)} label(s) {self.labels}; a classifier needs at least 2"
+            )
         for key, names in (("data.labels", self.labels or []), ("data.column_names", self.column_names or [])):
             repeated = sorted({name for name in names if names.count(name) > 1})
             if repeated:

@@ -72,10 +72,14 @@ class SettingNames:
     text_column: str = "data.text_column"
     label_column: str = "data.label_column"
     bad_row_advice: str = "set data.bad_rows=skip to drop such rows"
+    headerless_advice: str = "set data.has_header=false and data.column_names"
 
 
 CLI_FLAGS = SettingNames(
-    text_column="--text-column", label_column="--label-column", bad_row_advice="pass --bad-rows skip to drop such rows"
+    text_column="--text-column",
+    label_column="--label-column",
+    bad_row_advice="pass --bad-rows skip to drop such rows",
+    headerless_advice="pass --column-names (e.g. --column-names id,text,label)",
 )
 # predict answers every row or none: a bad row is a file read the wrong way, not one to drop.
 PREDICT_FLAGS = replace(
@@ -166,7 +170,13 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
             raise DataError(f"{path}: no header row")
     else:
         header = list(cfg.column_names)
-    _require_columns(path, header, cfg, bad.names)
+    try:
+        _require_columns(path, header, cfg, bad.names)
+    except DataError as error:
+        if not cfg.has_header:
+            raise
+        # A headerless file read with a header looks just like this: its first row as names.
+        raise DataError(f"{error}; if its first row is data, not names: {bad.names.headerless_advice}") from None
     text_at, label_at = header.index(cfg.text_column), header.index(cfg.label_column)
     texts, labels, origins = [], [], []
     line = reader.line_num
@@ -473,7 +483,14 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     _note_held_out_overlap(splits)
     splits.notes.extend(bad.notes())
     if not splits.texts.get("validation"):
-        raise DataError("no validation data: set data.validation_fraction > 0 or give a validation file/split")
+        if "validation" in raw:
+            raise DataError(f"{raw['validation'].where}: no validation rows left after filtering")
+        if cfg.validation_fraction == 0.0:
+            raise DataError("no validation data: set data.validation_fraction > 0 or give a validation file/split")
+        raise DataError(
+            f"no validation data: data.validation_fraction={cfg.validation_fraction} held out nothing, as every "
+            "class has one training row and a class's only row stays in train; give a validation file/split"
+        )
     if "test" in splits.texts and not splits.texts["test"]:
         raise DataError(f"{cfg.test_file or 'the test split'}: no test rows left after filtering")
     return splits

@@ -44,6 +44,7 @@ def test_yaml_then_overrides_win(tmp_path: Path):
         ("train.class_weights=[1, .nan]", "train.class_weights[1] must be a finite number"),
         ("train.class_weights=foo", "train.class_weights must be 'balanced', a list of numbers or null, got 'foo'"),
         ("data.labels=[a, b, a]", "data.labels lists 'a' more than once"),
+        ("data.labels=[positive]", "data.labels lists 1 label(s) ['positive']; a classifier needs at least 2"),
         # head_tokens' default suits max_length 512; at the default 128 the message gives a value.
         (
             "data.truncation=head_tail",

@@ -79,6 +79,32 @@ def test_a_test_file_with_no_usable_row_is_refused(tmp_path):
         load_labeled_splits(data_cfg(*files))
 
 
+def test_no_validation_data_says_why(tmp_path):
+    """Each of the three ways to end up without validation rows gets its own remedy."""
+    singles = write(tmp_path / "singles.csv", "text,label\na,x\nb,y\nc,z\n")
+    with pytest.raises(DataError, match=r"validation_fraction=0.5 held out nothing, as every class has one"):
+        load_labeled_splits(
+            data_cfg("data.dataset=files", f"data.train_file={singles}", "data.validation_fraction=0.5")
+        )
+    with pytest.raises(DataError, match=r"set data.validation_fraction > 0"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={singles}", "data.validation_fraction=0"))
+    train = write(tmp_path / "train.csv", GOOD)
+    validation = write(tmp_path / "val.csv", "text,label\nodd one,neutral\n")
+    files = ["data.dataset=files", f"data.train_file={train}", f"data.validation_file={validation}"]
+    with pytest.raises(DataError, match=r"val.csv: no validation rows left after filtering"):
+        load_labeled_splits(data_cfg(*files, "data.bad_rows=skip"))
+
+
+def test_a_headerless_file_read_with_a_header_gets_a_hint(tmp_path):
+    headerless = write(tmp_path / "rows.csv", "a fine film,positive\na dull film,negative\n")
+    with pytest.raises(DataError) as error:
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={headerless}"))
+    assert "no column 'text' (data.text_column); columns are ['a fine film', 'positive']" in str(error.value)
+    assert str(error.value).endswith(
+        "if its first row is data, not names: set data.has_header=false and data.column_names"
+    )
+
+
 def test_smile_broken_first_record_is_refused_by_default():
     with pytest.raises(DataError, match=r"smile-annotations-final.csv:1: malformed row: expected 3 fields"):
         load_labeled_splits(data_cfg(*SMILE_ARGS))
