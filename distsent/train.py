@@ -305,8 +305,13 @@ def train(cfg: Config) -> dict:
             if accelerator.is_main_process:
                 rollback_history(output_dir, state.global_step)
         elif accelerator.is_main_process:
-            for archived in archive_previous_run(output_dir):
-                log.warning("a fresh run in an existing folder: moved the earlier run's files to %s", archived)
+            archived = archive_previous_run(output_dir)
+            if archived:
+                log.warning(
+                    "a fresh run in an existing folder: moved the earlier run's files in %s aside: %s",
+                    output_dir,
+                    ", ".join(path.name for path in archived),
+                )
         if accelerator.is_main_process:
             # Only now that the data, the settings and any checkpoint are accepted: a refused
             # run leaves the folder as the earlier run left it.

@@ -337,7 +337,9 @@ def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_pat
     earlier = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=3", f"output_dir={run}"]
     run_cli(*earlier)
     later = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", "train.lr=1e-4", f"output_dir={run}"]
-    run_cli(*later)
+    moving = run_cli(*later).stderr
+    # Said once, naming what moved.
+    assert moving.count("moved the earlier run's files") == 1 and "checkpoints.before-" in moving
     # The later run's pruning kept its own checkpoints and left the earlier run's alone.
     assert [c.name for c in complete_checkpoints(run)] == ["step-00000002", "step-00000004"]
     (moved,) = run.glob("checkpoints.before-*")
