@@ -170,13 +170,9 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
             raise DataError(f"{path}: no header row")
     else:
         header = list(cfg.column_names)
-    try:
-        _require_columns(path, header, cfg, bad.names)
-    except DataError as error:
-        if not cfg.has_header:
-            raise
-        # A headerless file read with a header looks just like this: its first row as names.
-        raise DataError(f"{error}; if its first row is data, not names: {bad.names.headerless_advice}") from None
+    # A headerless file read with a header has its first row as names: say so where they don't fit.
+    maybe_headerless = f"; if its first row is data, not names: {bad.names.headerless_advice}" if cfg.has_header else ""
+    _require_columns(path, header, cfg, bad.names, maybe_headerless)
     text_at, label_at = header.index(cfg.text_column), header.index(cfg.label_column)
     texts, labels, origins = [], [], []
     line = reader.line_num
@@ -253,13 +249,14 @@ def _read_parquet(path: Path, cfg: DataConfig, names: SettingNames) -> Rows:
     return Rows(texts, labels, [f"{path}#{i + 1}" for i in range(len(texts))], str(path))
 
 
-def _require_columns(path: Path, columns: list[str], cfg: DataConfig, names: SettingNames) -> None:
+def _require_columns(path: Path, columns: list[str], cfg: DataConfig, names: SettingNames, advice: str = "") -> None:
+    """The text and label columns, each present once; `advice` ends the message where not."""
     for key, column in ((names.text_column, cfg.text_column), (names.label_column, cfg.label_column)):
         if column not in columns:
-            raise DataError(f"{path}: no column {column!r} ({key}); columns are {columns}")
+            raise DataError(f"{path}: no column {column!r} ({key}); columns are {columns}{advice}")
         if columns.count(column) > 1:
             raise DataError(
-                f"{path}: {columns.count(column)} columns are named {column!r} ({key}); which one is meant?"
+                f"{path}: {columns.count(column)} columns are named {column!r} ({key}); which one is meant?{advice}"
             )
 
 
