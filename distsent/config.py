@@ -244,8 +244,9 @@ class TrainConfig:
     """Validate every N optimizer steps (in addition to epoch ends)."""
     eval_every_epoch: bool = True
     """Validate at the end of each epoch."""
-    best_metric: str = "accuracy"
-    """Validation metric that picks the `best` export (e.g. accuracy, f1_macro, f1_weighted, loss)."""
+    best_metric: Literal["accuracy", "f1_macro", "f1_weighted", "f1", "roc_auc", "loss"] = "accuracy"
+    """Validation metric that picks the `best` export. f1 (of the second label) and roc_auc are
+    for two-label tasks only; the task's own list is checked again once the data is read."""
     early_stopping_patience: int | None = None
     """Stop after this many validations in a row without improving best_metric."""
     early_stopping_target: float | None = None

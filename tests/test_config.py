@@ -1,11 +1,12 @@
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
-from distsent.config import Config, ConfigError, load_config, parse_override
+from distsent.config import Config, ConfigError, TrainConfig, load_config, parse_override
 from distsent.metrics import selectable_metrics
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY, run_cli, write_labeled_csv
 
 
 def test_defaults_validate():
@@ -132,11 +133,32 @@ def test_cli_refuses_bad_config_before_work(override: str, tmp_path: Path):
     assert not (tmp_path / "run").exists(), "nothing may be written for a refused config"
 
 
-def test_unknown_best_metric_is_refused_before_training(tmp_path: Path):
-    result = run_cli("train", *TINY, "train.best_metric=f1_macr", f"output_dir={tmp_path / 'run'}", check=False)
+def test_unknown_best_metric_is_refused_before_the_data_is_read(tmp_path: Path):
+    # The training file does not exist: the metric must be refused first, not after a wait.
+    missing = ["data.dataset=files", f"data.train_file={tmp_path / 'absent.csv'}"]
+    result = run_cli(
+        "train", *TINY, *missing, "train.best_metric=f1_macr", f"output_dir={tmp_path / 'run'}", check=False
+    )
     assert result.returncode == 2
-    assert "train.best_metric=f1_macr" in result.stderr and "f1_macro" in result.stderr
+    assert "train.best_metric" in result.stderr and "f1_macr" in result.stderr and "f1_macro" in result.stderr
+    assert "absent.csv" not in result.stderr
     assert not (tmp_path / "run").exists(), "nothing may be written for a refused config"
+
+
+def test_a_metric_the_task_does_not_report_is_refused_once_the_data_is_read(tmp_path: Path):
+    emotions = tmp_path / "emotions.csv"
+    write_labeled_csv(emotions, [(f"text {i}", ["joy", "anger", "fear"][i % 3]) for i in range(30)])
+    result = run_cli(
+        "train", *TINY, "data.dataset=files", f"data.train_file={emotions}", "train.best_metric=roc_auc",
+        f"output_dir={tmp_path / 'run'}", check=False,
+    )
+    assert result.returncode == 2
+    assert "train.best_metric=roc_auc: this validation set reports" in result.stderr
+
+
+def test_best_metric_choices_are_the_metrics_a_validation_can_report():
+    choices = typing.get_args(typing.get_type_hints(TrainConfig)["best_metric"])
+    assert set(choices) == set(selectable_metrics([0, 1], ["neg", "pos"]))
 
 
 def test_selectable_metrics_follow_the_task():
