@@ -82,8 +82,10 @@ def default_resume_mode() -> str:
 def prepare_environment() -> LaunchInfo:
     """Set process-wide variables that must exist before DeepSpeed or accelerate are imported."""
     info = read_launch_info()
-    if info.use_deepspeed and not info.has_cuda:
-        # DeepSpeed picks its accelerator once, at import; without this it looks for CUDA.
+    if not info.has_cuda:
+        # DeepSpeed picks its accelerator once, at import; without this it looks for CUDA,
+        # and warns "unable to detect" GPUs even in runs without DeepSpeed, which import it
+        # only for accelerate's unwrapping of the model at export.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # Tokenizers' own thread pool fights torch's for the same cores and warns after fork.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -131,7 +133,11 @@ def resolve_mixed_precision(requested: str, info: LaunchInfo) -> str:
             return "no"
         speedup = cpu_bf16_speedup()
         choice = "bf16" if speedup >= CPU_BF16_MIN_SPEEDUP else "no"
-        log.info("train.mixed_precision=auto: bf16 matmuls run %.2fx fp32's on this CPU, so %s", speedup, choice)
+        log.info(
+            "train.mixed_precision=auto: bf16 matmuls run %.2fx fp32's on this CPU, so %s",
+            speedup,
+            "bf16 autocast" if choice == "bf16" else "fp32 (no mixed precision)",
+        )
         return choice
     if requested == "fp16":
         raise ConfigError(

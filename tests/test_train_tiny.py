@@ -19,6 +19,7 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "run"
     result = run_cli("train", *TINY, "train.max_steps=20", "train.eval_every_steps=10", f"output_dir={out}")
     (out.parent / "stdout.txt").write_text(result.stdout)
+    (out.parent / "stderr.txt").write_text(result.stderr)
     return out
 
 
@@ -35,6 +36,13 @@ def test_summary_has_the_contract_keys(tiny_run: Path):
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert summary["best_metric"]["name"] == "accuracy"
     assert (tiny_run / "config.yaml").is_file()
+
+
+def test_a_cpu_run_without_deepspeed_prints_no_gpu_detection_warning(tiny_run: Path):
+    # DeepSpeed is imported at export (accelerate checks for its engine) and, left to detect
+    # an accelerator, warns that it found no GPU: noise on a CPU run that never asked for one.
+    output = (tiny_run.parent / "stdout.txt").read_text() + (tiny_run.parent / "stderr.txt").read_text()
+    assert "unable to detect" not in output, output[-2000:]
 
 
 def banner_value(stdout: str, key: str) -> str:
