@@ -131,8 +131,10 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
         if source is None:
             model = AutoModelForSequenceClassification.from_config(config)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, _ = load_pretrained(
+                AutoModelForSequenceClassification,
                 source,
+                cfg.name,
                 config=config,
                 revision=cfg.revision,
                 # A checkpoint fine-tuned for other labels gets a fresh head of the right size.
@@ -142,7 +144,7 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
                 # Other labels in the same number: the loaded head would fit, and mislead.
                 reinitialise_head(model)
     else:
-        encoder = bare_encoder(config, source, cfg.revision)
+        encoder = bare_encoder(config, source, cfg.revision, cfg.name)
         dropout = cfg.dropout if cfg.dropout is not None else getattr(config, "hidden_dropout_prob", 0.1)
         model = PooledClassifier(encoder, cfg.head, num_outputs, dropout)
         if head_rows is not None:
@@ -158,6 +160,60 @@ def build_model(cfg: ModelConfig, label_names: list[str], vocab_size: int) -> to
         reorder_outputs(model, head_rows, cfg.name)
     freeze_parameters(model, cfg.freeze)
     return model
+
+
+class _WithoutLoadReport(logging.Filter):
+    """Drops transformers' load report: a colour-coded table, printed on every fine-tuning
+    start to say that the new head is untrained. `load_pretrained` says what matters instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return " LOAD REPORT" not in str(record.msg)
+
+
+def load_pretrained(model_class, source: str, shown_name: str, **kwargs):
+    """`model_class.from_pretrained(source)` and its loading info (missing, unexpected and
+    mismatched weight names), described in a line or two: a new head at info level, encoder
+    weights the checkpoint lacks (they start random) as a warning."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _WithoutLoadReport()
+    report_logger.addFilter(quiet)
+    try:
+        model, loading = model_class.from_pretrained(source, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(quiet)
+    describe_loading(model, shown_name, loading)
+    return model, loading
+
+
+def describe_loading(model, shown_name: str, loading: dict) -> None:
+    # A classifier's head is whatever sits beside its encoder; a bare encoder has none.
+    prefix = model.base_model_prefix
+    wraps_encoder = isinstance(getattr(model, prefix, None), torch.nn.Module)
+
+    def in_head(key: str) -> bool:
+        return wraps_encoder and key.split(".")[0] != prefix
+
+    mismatched = sorted(key[0] if isinstance(key, tuple) else key for key in loading.get("mismatched_keys", ()))
+    missing = sorted(loading.get("missing_keys", ()))
+    missing_encoder = [key for key in missing if not in_head(key)]
+    new_head = [key for key in missing + mismatched if in_head(key)]
+    if new_head:
+        why = "another shape in the checkpoint" if any(in_head(key) for key in mismatched) else "not in the checkpoint"
+        log.info("model.name=%s: a new classification head (%s: %s)", shown_name, why, ", ".join(new_head))
+    if missing_encoder:
+        log.warning(
+            "model.name=%s: %d encoder weight(s) are not in the checkpoint and start random: %s",
+            shown_name,
+            len(missing_encoder),
+            _some(missing_encoder),
+        )
+    unused = sorted(loading.get("unexpected_keys", ()))
+    if unused:
+        log.info("model.name=%s: %d checkpoint weight(s) not used: %s", shown_name, len(unused), _some(unused))
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def reinitialise_head(model) -> None:
@@ -197,7 +253,7 @@ def reorder_outputs(model: torch.nn.Module, rows: list[int], source_name: str) -
             layer.bias.copy_(layer.bias[rows])
 
 
-def bare_encoder(config, source: str | None = None, revision: str | None = None):
+def bare_encoder(config, source: str | None = None, revision: str | None = None, shown_name: str | None = None):
     """The encoder under a distsent head, built from `config` or loaded from `source`, without
     its pooler where the architecture allows: the head never reads it, and DDP stops at the
     second step on a parameter that got no gradient in the first."""
@@ -205,7 +261,7 @@ def bare_encoder(config, source: str | None = None, revision: str | None = None)
     extra = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
     if source is None:
         return AutoModel.from_config(config, **extra)
-    return AutoModel.from_pretrained(source, config=config, revision=revision, **extra)
+    return load_pretrained(AutoModel, source, shown_name or source, config=config, revision=revision, **extra)[0]
 
 
 def _source_head(source_config) -> str | None:
@@ -340,7 +396,7 @@ def load_classifier(directory: str | Path) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(directory)
     head = getattr(config, "distsent_head", "cls")
     if head == "cls":
-        model, loading = AutoModelForSequenceClassification.from_pretrained(directory, output_loading_info=True)
+        model, loading = load_pretrained(AutoModelForSequenceClassification, directory, str(directory))
         # transformers fills a missing head with random weights and a warning: predictions
         # from it would look fine and mean nothing.
         missing_head = [key for key in loading["missing_keys"] if key.split(".")[0] in ("classifier", "score")]

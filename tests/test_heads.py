@@ -379,3 +379,28 @@ def test_early_stopping_that_cannot_fire_is_said(tmp_path):
         f"output_dir={tmp_path / 'never'}",
     )
     assert "train.early_stopping_patience=2 never fires" in result.stderr + result.stdout
+
+
+def test_loading_says_what_is_new_in_a_line_not_transformers_table(tmp_path, caplog, capfd):
+    """A fresh head is news in one line; encoder weights a checkpoint lacks (they start
+    random) are a warning naming them; transformers' colour-coded load report is not printed."""
+    cfg = load_config(None, ["model.name=tiny-bert"])
+    tokenizer = build_tokenizer(cfg.model)
+    encoder = build_model(cfg.model, ["negative", "positive"], len(tokenizer)).bert
+    state = encoder.state_dict()
+    del state["encoder.layer.0.output.dense.bias"]
+    encoder.save_pretrained(tmp_path / "encoder", state_dict=state)
+    tokenizer.save_pretrained(tmp_path / "encoder")
+    caplog.set_level("INFO", logger="distsent.modeling")
+
+    run = load_config(None, [f"model.name={tmp_path / 'encoder'}"])
+    build_model(run.model, ["negative", "positive"], len(tokenizer))
+
+    assert "a new classification head (not in the checkpoint: classifier.bias, classifier.weight)" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "1 encoder weight(s) are not in the checkpoint and start random: bert.encoder.layer.0.output.dense.bias" in m
+        for m in warnings
+    ), warnings
+    printed = capfd.readouterr()
+    assert "LOAD REPORT" not in printed.out + printed.err
