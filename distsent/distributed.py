@@ -215,6 +215,13 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
     return accelerator
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Block until the work queued on `device` is done. GPU kernels run asynchronously: a clock
+    read without this stops when the work is queued, not when it is done."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
 @contextlib.contextmanager
 def model_construction_context(accelerator):
     """Build models whole on every rank, even under ZeRO-3.

@@ -21,6 +21,7 @@ from distsent.build_locks import describe_stale_lock, stale_build_locks
 from distsent.checkpoint import (
     RUN_CONFIG_NAME,
     SUMMARY_FILE,
+    agree_on_resume,
     archive_previous_run,
     carry_best_export,
     export_model,
@@ -41,6 +42,7 @@ from distsent.distributed import (
     model_construction_context,
     node_leaders_first,
     read_launch_info,
+    wait_for_device,
 )
 from distsent.evaluate import evaluate
 from distsent.first_token import use_first_token_last_layer
@@ -296,7 +298,9 @@ def train(cfg: Config) -> dict:
         if accelerator.is_main_process and run_lock is None:
             # A new folder is made, and held, only once the data and settings are accepted.
             run_lock = lock_output_dir(output_dir)
-        resume_from = resolve_resume(cfg.train.resume or default_resume_mode(), output_dir)
+        resume_from = agree_on_resume(
+            accelerator, resolve_resume(cfg.train.resume or default_resume_mode(), output_dir)
+        )
         if resume_from is not None:
             payload = read_checkpoint_payload(resume_from, fingerprint)
             load_checkpoint(accelerator, resume_from)
@@ -521,18 +525,25 @@ def train(cfg: Config) -> dict:
                     scheduler.step()
                 scale_before = loss_scale(accelerator.scaler)
                 state.global_step += 1
-                state.train_seconds += time.perf_counter() - step_start
-                run_logger.advance(1)
                 epoch_done = state.global_step % steps_per_epoch == 0
-
-                if state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps:
-                    log_training_window()
-
+                should_log = state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps
                 should_eval = (
                     (cfg.train.eval_every_steps and state.global_step % cfg.train.eval_every_steps == 0)
                     or (cfg.train.eval_every_epoch and epoch_done)
                     or state.global_step == total_steps
                 )
+                should_checkpoint = (
+                    (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
+                    or (cfg.checkpoint.at_epoch_end and epoch_done)
+                ) and state.global_step < total_steps
+                # A GPU may still be running this step: the clock stops when it is done. Left
+                # to the preemption check's device read below, that wait fell outside the clock.
+                wait_for_device(accelerator.device)
+                state.train_seconds += time.perf_counter() - step_start
+                run_logger.advance(1)
+
+                if should_log:
+                    log_training_window()
                 if should_eval:
                     validate_and_export_best()
                 if state.stopped_early and state.window_micro_batches:
@@ -540,10 +551,6 @@ def train(cfg: Config) -> dict:
                     # now, before a checkpoint of this step could carry them into a resume.
                     log_training_window()
 
-                should_checkpoint = (
-                    (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
-                    or (cfg.checkpoint.at_epoch_end and epoch_done)
-                ) and state.global_step < total_steps
                 preempted = watcher.should_stop(accelerator)
                 if preempted:
                     reason = f"stopped at step {state.global_step} on {watcher.received}; checkpoint written"
