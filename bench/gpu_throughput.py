@@ -26,10 +26,9 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from compare_trainer import gemm_peak, machine_description, model_flops, parameter_breakdown
+from compare_trainer import cuda_gemm_peak, gemm_peak, machine_description, model_flops, parameter_breakdown
 
 from distsent.config import ModelConfig
 
@@ -62,26 +61,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workdir", help="keep models, data and runs here (default: a temporary folder)")
     parser.add_argument("--output", help="also write the JSON lines to this file")
     return parser.parse_args()
-
-
-def cuda_gemm_peak(size: int = 8192, repeats: int = 10) -> dict[str, float]:
-    """Best-of square matmul throughput on the GPU, bf16 and fp32, in FLOP/s (synchronised:
-    CUDA kernels run asynchronously, so the clock stops only when the product is done)."""
-    import torch
-
-    peaks = {}
-    for label, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a = torch.randn(size, size, dtype=dtype, device="cuda")
-        b = torch.randn(size, size, dtype=dtype, device="cuda")
-        best = 0.0
-        for _ in range(repeats + 1):  # the first is a warm-up
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            a @ b
-            torch.cuda.synchronize()
-            best = max(best, 2 * size**3 / (time.perf_counter() - start))
-        peaks[label] = best
-    return peaks
 
 
 def write_random_model(folder: Path, size: str, tokenizer_name: str, seed: int = 0):

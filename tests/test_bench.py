@@ -83,6 +83,33 @@ def test_compare_trainer_reports_every_contender(tmp_path):
         assert fewer == (name == "distsent") == line.get("last_layer_cls_only", False), name
 
 
+def test_compare_trainer_lets_distsent_change_speed_knobs_only():
+    refused = run_captured([sys.executable, "bench/compare_trainer.py", "--distsent-set", "train.lr=0.01"], timeout=120)
+    assert refused.returncode == 2
+    assert "--distsent-set train.lr=0.01: only speed knobs" in refused.stderr
+
+
+def test_compare_trainer_refuses_ratios_between_unequal_work(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from compare_trainer import check_equal_work
+
+    workload = {"optimizer_steps": 4, "batch_size": 32}
+    check_equal_work({"distsent": {"optimizer_steps": 4, "train_examples": 128}}, workload)
+    with pytest.raises(SystemExit, match="distsent took 2 optimizer steps over 64 examples, the workload is 4"):
+        check_equal_work({"distsent": {"optimizer_steps": 2, "train_examples": 64}}, workload)
+
+
+def test_the_trainer_best_target_is_undecided_when_a_trainer_setting_did_not_run(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from compare_trainer import ON_TCMALLOC, TRAINER_SETTINGS, missing_trainer_settings
+
+    every = dict.fromkeys(["distsent", *TRAINER_SETTINGS], {})
+    assert missing_trainer_settings(every) == []
+    assert missing_trainer_settings({**every, **dict.fromkeys(ON_TCMALLOC, {})}) == []
+    without_grouped = {name: r for name, r in every.items() if name != "trainer_grouped"}
+    assert missing_trainer_settings(without_grouped) == ["trainer_grouped"]
+
+
 def test_executed_flops_are_what_a_flop_counter_sees_skipped(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
     from compare_trainer import model_flops, parameter_breakdown
