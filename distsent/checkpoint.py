@@ -268,6 +268,31 @@ def resolve_resume(mode: str, output_dir: Path) -> Path | None:
     return path
 
 
+def agree_on_resume(accelerator, chosen: Path | None) -> Path | None:
+    """Rank 0's choice of checkpoint, for every rank. Each rank lists checkpoints/ itself, and
+    on a network filesystem another node's listing can lag (a checkpoint rank 0 just renamed
+    into place, a directory cache): ranks loading different steps would hang or diverge."""
+    if accelerator.num_processes == 1:
+        return chosen
+    from accelerate.utils import broadcast_object_list
+
+    shared = broadcast_object_list([None if chosen is None else str(chosen)], from_process=0)[0]
+    agreed = None if shared is None else Path(shared)
+    if agreed is not None and not (agreed / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"rank {accelerator.process_index} cannot see checkpoint {agreed} that rank 0 resumes from: "
+            "output_dir must be on a filesystem every node shares"
+        )
+    if agreed != chosen:
+        log.info(
+            "rank %d resumes from rank 0's choice %s (its own listing gave %s)",
+            accelerator.process_index,
+            agreed,
+            chosen,
+        )
+    return agreed
+
+
 def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     """Read and check a checkpoint's JSON payload before any tensor is loaded."""
     try:

@@ -11,12 +11,15 @@ lock behind.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import socket
 from pathlib import Path
 from typing import IO
 
 from distsent.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".distsent.lock"
 
@@ -39,6 +42,15 @@ def lock_output_dir(output_dir: Path) -> IO[str]:
             f"output_dir={output_dir}: another run is training there ({holder}); "
             "wait for it to end or choose another output_dir"
         ) from None
+    except OSError as error:
+        # Some cluster filesystems have no flock (Lustre mounted noflock: ENOSYS) or only a
+        # node-local one. Training there is still right; only the guard is gone.
+        log.warning(
+            "output_dir=%s: cannot lock it (%s), so a second run started in this folder would not be "
+            "refused; make sure only one run uses it",
+            output_dir,
+            error.strerror or error,
+        )
     # Who holds it, for the message above; the lock itself is the flock, not this text.
     handle.seek(0)
     handle.truncate()

@@ -149,8 +149,13 @@ def test_a_metric_the_task_does_not_report_is_refused_once_the_data_is_read(tmp_
     emotions = tmp_path / "emotions.csv"
     write_labeled_csv(emotions, [(f"text {i}", ["joy", "anger", "fear"][i % 3]) for i in range(30)])
     result = run_cli(
-        "train", *TINY, "data.dataset=files", f"data.train_file={emotions}", "train.best_metric=roc_auc",
-        f"output_dir={tmp_path / 'run'}", check=False,
+        "train",
+        *TINY,
+        "data.dataset=files",
+        f"data.train_file={emotions}",
+        "train.best_metric=roc_auc",
+        f"output_dir={tmp_path / 'run'}",
+        check=False,
     )
     assert result.returncode == 2
     assert "train.best_metric=roc_auc: this validation set reports" in result.stderr

@@ -331,3 +331,55 @@ def test_ranks_that_disagree_on_auto_precision_stop_the_run(tmp_path):
     assert result.returncode != 0
     assert "1 of 2 processes found bf16 faster than fp32" in result.stderr, result.stderr[-4000:]
     assert not (out / "final").exists()
+
+
+AGREE_ON_RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+from distsent.checkpoint import CheckpointError, agree_on_resume
+from distsent.config import load_config
+from distsent.distributed import build_accelerator, prepare_environment
+
+# As `distsent train` builds it: gloo on a machine without GPUs.
+accelerator = build_accelerator(load_config(None, ["train.mixed_precision=no"]), prepare_environment())
+shared, unseen = Path(sys.argv[1]), Path(sys.argv[2])
+rank = accelerator.process_index
+# Rank 1's listing lags: it has not seen the newest checkpoint yet.
+print(f"rank {rank} agreed", agree_on_resume(accelerator, shared if rank == 0 else None), flush=True)
+# A checkpoint the other ranks cannot see (here no rank can): not a shared filesystem.
+try:
+    agree_on_resume(accelerator, unseen if rank == 0 else None)
+    print(f"rank {rank} accepted", flush=True)
+except CheckpointError as error:
+    print(f"rank {rank} refused: {error}", flush=True)
+"""
+
+
+def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path: Path):
+    """Each rank lists checkpoints/ itself; on a network filesystem the listings can differ.
+    Rank 0's choice is the one every rank loads, and a rank that cannot see it stops."""
+    from distsent.checkpoint import COMPLETE_MARKER
+
+    shared = tmp_path / "checkpoints" / "step-00000008"
+    shared.mkdir(parents=True)
+    (shared / COMPLETE_MARKER).touch()
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE_ON_RESUME_SCRIPT)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch" / "accelerate" / "ddp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(shared),
+        str(tmp_path / "unseen"),
+    ]
+    result = run_captured(command, timeout=300)
+    assert f"rank 1 agreed {shared}" in result.stdout and f"rank 0 agreed {shared}" in result.stdout, result.stderr
+    assert "rank 1 refused: rank 1 cannot see checkpoint" in result.stdout
+    assert "output_dir must be on a filesystem every node shares" in result.stdout

@@ -387,6 +387,23 @@ def test_a_second_run_in_a_busy_folder_is_refused_and_a_killed_one_leaves_no_loc
     run_cli("train", *TINY, "train.max_steps=2", f"output_dir={run}")
 
 
+def test_a_filesystem_without_flock_gets_a_warning_not_a_crash(tmp_path, monkeypatch, caplog):
+    """Lustre mounted `noflock` answers flock with ENOSYS: the run goes on, unguarded, and says so."""
+    import errno
+    import fcntl
+
+    from distsent.run_lock import lock_output_dir
+
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    handle = lock_output_dir(tmp_path / "run")
+    handle.close()
+    assert "cannot lock it (Function not implemented)" in caplog.text
+    assert "make sure only one run uses it" in caplog.text
+
+
 def test_changed_data_or_precision_is_refused_on_resume(tmp_path):
     run = tmp_path / "data"
     base = ["train", *TINY, "train.max_steps=4", "checkpoint.every_steps=2", f"output_dir={run}"]
