@@ -121,6 +121,21 @@ def write_labeled_csv(path: Path, rows: Iterable[tuple[str, str]], header: tuple
     return path
 
 
+def accelerate_launch_command(config_file: str | Path, num_processes: int, *launch_args: str) -> list[str]:
+    """`accelerate launch` up to what it runs; a bare name is a file in launch/accelerate/."""
+    path = Path(config_file) if Path(config_file).is_absolute() else REPO / "launch" / "accelerate" / config_file
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(path),
+        "--num_processes",
+        str(num_processes),
+        *launch_args,
+    ]
+
+
 def launch(
     config_file: str,
     num_processes: int,
@@ -130,19 +145,7 @@ def launch(
     timeout: int = 600,
 ):
     """`accelerate launch --config_file launch/accelerate/X.yaml --num_processes N -m distsent ARGS`."""
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "launch" / "accelerate" / config_file),
-        "--num_processes",
-        str(num_processes),
-        *extra_launch,
-        "-m",
-        "distsent",
-        *args,
-    ]
+    command = [*accelerate_launch_command(config_file, num_processes, *extra_launch), "-m", "distsent", *args]
     result = run_captured(command, timeout=timeout)
     if check and result.returncode != 0:
         pytest.fail(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")

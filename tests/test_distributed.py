@@ -21,6 +21,7 @@ from distsent.data import load_labeled_splits
 from tests.conftest import (
     REPO,
     TINY,
+    accelerate_launch_command,
     cli_env,
     kill_process_tree,
     launch,
@@ -161,29 +162,15 @@ def test_conflicting_deepspeed_value_is_refused(tmp_path):
     accelerate_yaml.write_text(
         (REPO / "launch" / "accelerate" / "zero2.yaml").read_text().replace("configs/deepspeed/zero2.json", str(config))
     )
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(accelerate_yaml),
-        "--num_processes",
-        "2",
-        "-m",
-        "distsent",
-        "train",
-        *TINY,
-        "train.max_steps=2",
-        f"output_dir={tmp_path / 'out'}",
-    ]
-    result = run_captured(command, timeout=600)
+    run = ["-m", "distsent", "train", *TINY, "train.max_steps=2", f"output_dir={tmp_path / 'out'}"]
+    result = run_captured([*accelerate_launch_command(accelerate_yaml, 2), *run], timeout=600)
     assert result.returncode != 0
     assert "train_micro_batch_size_per_gpu=4" in result.stderr and '"auto"' in result.stderr
     # A schedule of DeepSpeed's own would set the rate before distsent's each step.
     ds_config = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
     ds_config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 100}}
     config.write_text(json.dumps(ds_config))
-    result = run_captured([*command[:6], "1", *command[7:]], timeout=600)
+    result = run_captured([*accelerate_launch_command(accelerate_yaml, 1), *run], timeout=600)
     assert result.returncode != 0
     assert 'DeepSpeed config has a "scheduler" section, a second learning-rate schedule' in result.stderr
     # An optimizer section is refused by name too (accelerate's own refusal, a traceback from
@@ -191,7 +178,7 @@ def test_conflicting_deepspeed_value_is_refused(tmp_path):
     del ds_config["scheduler"]
     ds_config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3}}
     config.write_text(json.dumps(ds_config))
-    result = run_captured([*command[:6], "1", *command[7:]], timeout=600)
+    result = run_captured([*accelerate_launch_command(accelerate_yaml, 1), *run], timeout=600)
     assert result.returncode != 0 and "DummyOptim" not in result.stderr
     assert 'DeepSpeed config has an "optimizer" section; remove it' in result.stderr
 
@@ -237,21 +224,18 @@ def test_two_machines_on_one_host_match_two_processes(runs, tmp_path):
     port = str(_free_port())
     commands = [
         [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "launch" / "accelerate" / "ddp.yaml"),
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "2",
-            "--machine_rank",
-            str(rank),
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            port,
+            *accelerate_launch_command(
+                "ddp.yaml",
+                2,
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+            ),
             "-m",
             "distsent",
             "train",
@@ -366,20 +350,13 @@ def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path: Path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE_ON_RESUME_SCRIPT)
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "launch" / "accelerate" / "ddp.yaml"),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
+        *accelerate_launch_command("ddp.yaml", 2, "--main_process_port", str(_free_port())),
         str(script),
         str(shared),
         str(tmp_path / "unseen"),
     ]
     result = run_captured(command, timeout=300)
-    assert f"rank 1 agreed {shared}" in result.stdout and f"rank 0 agreed {shared}" in result.stdout, result.stderr
-    assert "rank 1 refused: rank 1 cannot see checkpoint" in result.stdout
-    assert "output_dir must be on a filesystem every node shares" in result.stdout
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert f"rank 1 agreed {shared}" in result.stdout and f"rank 0 agreed {shared}" in result.stdout, output
+    assert "rank 1 refused: rank 1 cannot see checkpoint" in result.stdout, output
+    assert "output_dir must be on a filesystem every node shares" in result.stdout, output

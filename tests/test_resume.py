@@ -28,6 +28,7 @@ from distsent.preemption import EXIT_PREEMPTED
 from tests.conftest import (
     REPO,
     TINY,
+    accelerate_launch_command,
     cli_env,
     kill_process_tree,
     launch,
@@ -75,18 +76,7 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
 def distsent_command(processes: int, *args: str, launch_file: str = "ddp.yaml") -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "distsent", *args]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "launch/accelerate" / launch_file),
-        "--num_processes",
-        str(processes),
-        "-m",
-        "distsent",
-        *args,
-    ]
+    return [*accelerate_launch_command(launch_file, processes), "-m", "distsent", *args]
 
 
 @pytest.fixture(scope="module")
