@@ -32,10 +32,18 @@ def cluster(tmp_path_factory):
         cluster.stop()
 
 
-def submit(cluster: SlurmCluster, script: str, output_dir: Path, log: Path) -> int:
-    env = {"DISTSENT_PYTHON": sys.executable, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+def submit(
+    cluster: SlurmCluster,
+    script: str,
+    output_dir: Path,
+    log: Path,
+    sbatch_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> int:
+    env = {"DISTSENT_PYTHON": sys.executable, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
     return cluster.sbatch(
         *CPU_NODE,
+        *sbatch_args,
         f"--output={log}",
         str(REPO / "launch" / "slurm" / script),
         str(CONFIG),
@@ -53,6 +61,25 @@ def test_single_node_sbatch_completes_with_an_export(cluster, tmp_path):
     assert read_summary(out)["global_step"] == 120
     AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert f"job {job} (restart 0)" in log.read_text()
+
+
+def test_multi_node_sbatch_starts_the_ranks_asked_for(cluster, tmp_path):
+    """The multi-node script on the one node there is, with two ranks (DDP over gloo): its
+    srun/accelerate arithmetic, not only the single-node script's."""
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    job = submit(
+        cluster,
+        "multi_node.sbatch",
+        out,
+        log,
+        sbatch_args=("--nodes=1", "--cpus-per-task=2"),
+        env={"DISTSENT_PROCESSES_PER_NODE": "2"},
+    )
+    state, exit_code, _ = cluster.wait(job)
+    assert (state, exit_code) == ("COMPLETED", "0:0"), log.read_text()[-4000:]
+    assert f"job {job} (restart 0) on 1 node(s) x 2 process(es)" in log.read_text()
+    summary = read_summary(out)
+    assert summary["world_size"] == 2 and summary["global_step"] == 120
 
 
 @pytest.fixture(scope="module")
