@@ -525,25 +525,21 @@ def train(cfg: Config) -> dict:
                     scheduler.step()
                 scale_before = loss_scale(accelerator.scaler)
                 state.global_step += 1
-                epoch_done = state.global_step % steps_per_epoch == 0
-                should_log = state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps
-                should_eval = (
-                    (cfg.train.eval_every_steps and state.global_step % cfg.train.eval_every_steps == 0)
-                    or (cfg.train.eval_every_epoch and epoch_done)
-                    or state.global_step == total_steps
-                )
-                should_checkpoint = (
-                    (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
-                    or (cfg.checkpoint.at_epoch_end and epoch_done)
-                ) and state.global_step < total_steps
                 # A GPU may still be running this step: the clock stops when it is done. Left
                 # to the preemption check's device read below, that wait fell outside the clock.
                 wait_for_device(accelerator.device)
                 state.train_seconds += time.perf_counter() - step_start
                 run_logger.advance(1)
+                epoch_done = state.global_step % steps_per_epoch == 0
 
-                if should_log:
+                if state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps:
                     log_training_window()
+
+                should_eval = (
+                    (cfg.train.eval_every_steps and state.global_step % cfg.train.eval_every_steps == 0)
+                    or (cfg.train.eval_every_epoch and epoch_done)
+                    or state.global_step == total_steps
+                )
                 if should_eval:
                     validate_and_export_best()
                 if state.stopped_early and state.window_micro_batches:
@@ -551,6 +547,10 @@ def train(cfg: Config) -> dict:
                     # now, before a checkpoint of this step could carry them into a resume.
                     log_training_window()
 
+                should_checkpoint = (
+                    (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
+                    or (cfg.checkpoint.at_epoch_end and epoch_done)
+                ) and state.global_step < total_steps
                 preempted = watcher.should_stop(accelerator)
                 if preempted:
                     reason = f"stopped at step {state.global_step} on {watcher.received}; checkpoint written"
