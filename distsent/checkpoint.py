@@ -100,9 +100,10 @@ def staging_dir(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
 
 
-def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, target: Path) -> None:
+def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, target: Path, training: dict) -> None:
     """Write `target` as a folder transformers loads: model.safetensors, config.json, tokenizer,
-    plus the resolved distsent config and the metrics. Collective: call on every rank."""
+    plus the resolved distsent config, the metrics and a model card (`training`: see
+    `write_model_card`). Collective: call on every rank."""
     # Every rank takes part: under ZeRO-3 this gathers the partitioned parameters.
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -120,7 +121,7 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
             tokenizer.save_pretrained(staging)
             save_config(cfg, staging / EXPORT_CONFIG_NAME)
             title = f"{target.parent.name}/{target.name}"
-            write_model_card(staging, title, cfg, label_names_of(unwrapped.config), metrics)
+            write_model_card(staging, title, cfg, label_names_of(unwrapped.config), metrics, training)
             (staging / EXPORT_METRICS_NAME).write_text(json.dumps(metrics, indent=2))
         except Exception:
             # A full disk, say: the half-written copy would hold the space until the next run.
@@ -431,14 +432,23 @@ def read_history(path: Path) -> tuple[list[tuple[str, dict]], int | None]:
 
 
 def archive_previous_run(output_dir: Path) -> list[Path]:
-    """Move an earlier run's config, metrics.jsonl, checkpoints, exports, summary, predictions
-    and plots aside, so a fresh run starts its own history, neither its pruning nor a later
+    """Move an earlier run's config, metrics.jsonl, checkpoints, exports, summary, predictions,
+    plots and W&B files aside, so a fresh run starts its own history, neither its pruning nor a later
     `train.resume=auto` touches the old run's, its first validation does not replace the old
     `best/` (lost for good if the new run then fails), and no old plot sits beside the new ones."""
     from distsent.plots import PLOTS_DIR, PREDICTIONS_FILE
-    from distsent.tracking import METRICS_FILE
+    from distsent.tracking import METRICS_FILE, WANDB_DIR
 
-    names = (RUN_CONFIG_NAME, METRICS_FILE, SUMMARY_FILE, PREDICTIONS_FILE, PLOTS_DIR, CHECKPOINTS_DIR, *EXPORT_DIRS)
+    names = (
+        RUN_CONFIG_NAME,
+        METRICS_FILE,
+        SUMMARY_FILE,
+        PREDICTIONS_FILE,
+        PLOTS_DIR,
+        WANDB_DIR,
+        CHECKPOINTS_DIR,
+        *EXPORT_DIRS,
+    )
     present = [path for path in (Path(output_dir) / name for name in names) if path.exists()]
     if not present:
         return []

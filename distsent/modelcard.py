@@ -21,8 +21,12 @@ def _front_matter(cfg: Config) -> str:
     return f"library_name: distsent\ntags: [distsent, text-classification, {cfg.model.head}-head]"
 
 
-def write_model_card(folder: Path, title: str, cfg: Config, label_names: list[str], metrics: dict) -> None:
-    """README.md in `folder` (a staging folder, so the `title` names where it will live)."""
+def write_model_card(
+    folder: Path, title: str, cfg: Config, label_names: list[str], metrics: dict, training: dict
+) -> None:
+    """README.md in `folder` (a staging folder, so the `title` names where it will live).
+    `training`: how this export was trained, as run, not as configured (`epochs` done,
+    `world_size`, `global_batch_size`, the resolved `mixed_precision`)."""
     rows = "\n".join(f"| {key} | {_fmt(metrics[key])} |" for key in HEADLINE_METRICS if key in metrics)
     per_class = metrics.get("per_class", {})
     class_rows = "\n".join(
@@ -40,10 +44,10 @@ single logit: {cfg.model.single_logit}).
 
 - Data: `{cfg.data.dataset}`{f" ({cfg.data.train_file})" if cfg.data.train_file else ""}, max length {cfg.data.max_length} tokens
 - Labels: {", ".join(f"`{name}`" for name in label_names)}
-- Training: {cfg.train.epochs} epochs (max_steps {cfg.train.max_steps}), peak lr {cfg.train.lr},
-  batch {cfg.train.batch_size} per process x {cfg.train.grad_accum_steps} accumulation,
-  precision {cfg.train.mixed_precision}, seed {cfg.train.seed}
-- Step of this export: {metrics.get("step", "?")}
+- Training: {metrics.get("step", "?")} optimizer steps ({training["epochs"]} epochs), peak lr {cfg.train.lr},
+  global batch {training["global_batch_size"]} ({cfg.train.batch_size} per process x {training["world_size"]}
+  process(es) x {cfg.train.grad_accum_steps} accumulation), precision {training["mixed_precision"]},
+  seed {cfg.train.seed}
 
 ## Validation metrics
 

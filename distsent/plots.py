@@ -20,8 +20,9 @@ PLOTS_DIR = "plots"
 
 
 def save_predictions(output_dir: Path, labels: np.ndarray, probs: np.ndarray, label_names: list[str]) -> None:
-    """Keep the final validation predictions so the ROC curve can be redrawn without the model."""
-    payload = {"label_names": label_names, "labels": labels.tolist(), "probs": np.round(probs, 6).tolist()}
+    """Keep the final validation predictions so the ROC curve can be redrawn without the model.
+    Unrounded: rounding makes ties, and the redrawn curve's AUC would then differ from the logged one."""
+    payload = {"label_names": label_names, "labels": labels.tolist(), "probs": np.asarray(probs).tolist()}
     (output_dir / PREDICTIONS_FILE).write_text(json.dumps(payload))
 
 

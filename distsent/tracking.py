@@ -24,6 +24,12 @@ from distsent.config import Config, first_line
 log = logging.getLogger("distsent")
 
 METRICS_FILE = "metrics.jsonl"
+# Where W&B keeps its files for a run in output_dir (its `dir`), offline runs included.
+WANDB_DIR = "wandb"
+# The x-axis of every W&B chart: the optimizer step, logged as a value. W&B's own `step`
+# only grows, and drops a record below it, such as a validation that a resume redoes at the
+# step it was cut off at.
+STEP_KEY = "global_step"
 # Nested per-class tables and matrices go to metrics.jsonl but not to the console line.
 CONSOLE_SKIP = ("per_class", "confusion_matrix")
 
@@ -99,7 +105,7 @@ class RunLogger:
             return
         self._record({"event": "train", "step": step, **values})
         self._print(f"step {step:>6}  " + "  ".join(f"{k} {_fmt(v)}" for k, v in values.items()))
-        self._to_wandb(lambda run: run.log({f"train/{k}": v for k, v in values.items()}, step=step))
+        self._to_wandb(lambda run: run.log({STEP_KEY: step, **{f"train/{k}": v for k, v in values.items()}}))
 
     def log_eval(self, step: int, epoch: float, metrics: dict, split: str = "validation") -> None:
         if not self.enabled:
@@ -113,7 +119,7 @@ class RunLogger:
         for name, scores in metrics.get("per_class", {}).items():
             if scores["f1"] is not None:
                 scalars[f"{split}/f1_{name}"] = scores["f1"]
-        self._to_wandb(lambda run: run.log(scalars, step=step))
+        self._to_wandb(lambda run: run.log({STEP_KEY: step, **scalars}))
 
     def log_images(self, paths: list[Path]) -> None:
         """Attach the run's PNG plots to W&B (they are in the run folder either way)."""
@@ -176,7 +182,11 @@ def _start_wandb(cfg: Config, output_dir: Path, run_id: str | None, run_facts: d
     """The W&B run; offline when the server cannot be reached or refuses, so that an outage
     or a missing key costs the live dashboard, not the training job (Slurm would not requeue
     it). None when even an offline run cannot start."""
-    import wandb
+    try:
+        import wandb
+    except Exception as error:  # not installed, or broken: the run goes on without it
+        log.warning("log.wandb=true but wandb cannot be imported (%s); the run goes on without it", first_line(error))
+        return None
 
     # `config` is the resolved run config only: no environment, so no API key can reach
     # the run's files; the key stays wherever wandb keeps it (env or ~/.netrc). `run` holds
@@ -188,16 +198,16 @@ def _start_wandb(cfg: Config, output_dir: Path, run_id: str | None, run_facts: d
         tags=cfg.log.tags or None,
         group=cfg.log.group,
         config={**cfg.to_dict(), "run": run_facts},
-        dir=str(output_dir),
+        dir=str(output_dir),  # W&B adds WANDB_DIR below it
         id=run_id,
         resume="allow" if run_id else None,
     )
     try:
-        return wandb.init(**settings)
+        return _with_step_axis(wandb.init(**settings))
     except Exception as error:  # wandb raises its own errors, timeouts and usage errors here
         log.warning("W&B could not start (%s: %s); logging offline instead", type(error).__name__, first_line(error))
     try:
-        run = wandb.init(**settings, mode="offline")
+        run = _with_step_axis(wandb.init(**settings, mode="offline"))
     except Exception as error:
         log.warning(
             "W&B could not start offline either (%s: %s); the run goes on without it",
@@ -206,6 +216,12 @@ def _start_wandb(cfg: Config, output_dir: Path, run_id: str | None, run_facts: d
         )
         return None
     log.warning("W&B logs offline to %s; upload it later with `wandb sync %s`", run.dir, Path(run.dir).parent)
+    return run
+
+
+def _with_step_axis(run):
+    run.define_metric(STEP_KEY)
+    run.define_metric("*", step_metric=STEP_KEY)
     return run
 
 

@@ -339,8 +339,9 @@ def train(cfg: Config) -> dict:
                 "distributed_type": accelerator.distributed_type.value,
             },
         )
-        # Kept in every checkpoint, so a resumed run continues the same W&B run.
-        state.wandb_run_id = run_logger.wandb_run_id
+        # Kept in every checkpoint, so a resumed run continues the same W&B run; a segment
+        # without W&B (log.wandb=false, or W&B failed to start) passes the id on.
+        state.wandb_run_id = run_logger.wandb_run_id or state.wandb_run_id
         run_logger.banner(
             {
                 "model": (
@@ -402,6 +403,15 @@ def train(cfg: Config) -> dict:
                 should_stop=lambda: watcher.should_stop(accelerator),
             )
 
+        def as_trained() -> dict:
+            """How the model of an export was trained, for its model card."""
+            return {
+                "epochs": round(state.global_step / steps_per_epoch, 4),
+                "world_size": world_size,
+                "global_batch_size": plan.global_batch_size,
+                "mixed_precision": accelerator.mixed_precision,
+            }
+
         def validate_and_export_best() -> None:
             """Validate, and score the test split with each new best model (the one best/ holds,
             which the test score must describe; never used to select it). On preemption
@@ -430,7 +440,13 @@ def train(cfg: Config) -> dict:
                 state.best_test_metrics, state.best_test_digest = test_metrics, test_digest
                 state.evals_without_improvement = 0
                 export_model(
-                    accelerator, model, tokenizer, cfg, {"step": state.global_step, **metrics}, output_dir / "best"
+                    accelerator,
+                    model,
+                    tokenizer,
+                    cfg,
+                    {"step": state.global_step, **metrics},
+                    output_dir / "best",
+                    as_trained(),
                 )
             else:
                 state.evals_without_improvement += 1
@@ -569,7 +585,13 @@ def train(cfg: Config) -> dict:
             # Still open only where a resume redid the validation that stopped the run early.
             log_training_window()
         export_model(
-            accelerator, model, tokenizer, cfg, {"step": state.global_step, **state.last_metrics}, output_dir / "final"
+            accelerator,
+            model,
+            tokenizer,
+            cfg,
+            {"step": state.global_step, **state.last_metrics},
+            output_dir / "final",
+            as_trained(),
         )
         summary = {
             "global_step": state.global_step,

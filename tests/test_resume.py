@@ -327,6 +327,7 @@ def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_pat
     earlier = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=3", f"output_dir={run}"]
     run_cli(*earlier)
     later = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", "train.lr=1e-4", f"output_dir={run}"]
+    (run / "wandb" / "offline-run-earlier").mkdir(parents=True)  # as an earlier run with W&B leaves it
     moving = run_cli(*later).stderr
     # Said once, naming what moved.
     assert moving.count("moved the earlier run's files") == 1 and "checkpoints.before-" in moving
@@ -336,7 +337,7 @@ def test_a_fresh_run_moves_the_earlier_run_aside_and_resumes_only_itself(tmp_pat
     assert [p.name for p in moved.iterdir()] == ["step-00000003"]
     assert len(list(run.glob("metrics.before-*.jsonl"))) == 1
     # Its plots, summary and predictions went with it: the ones in place are the later run's.
-    for name in ("plots.before-*", "summary.before-*.json", "validation_predictions.before-*.json"):
+    for name in ("plots.before-*", "summary.before-*.json", "validation_predictions.before-*.json", "wandb.before-*"):
         assert len(list(run.glob(name))) == 1, name
     # So did its exports: a later run that dies after its first validation cannot have
     # replaced the earlier best/ for good.

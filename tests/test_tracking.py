@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from distsent.checkpoint import STATE_FILE, complete_checkpoints
 from distsent.preemption import EXIT_PREEMPTED
 from tests.conftest import REPO, TINY, cli_env, read_summary, run_captured, run_cli
 from tests.test_resume import distsent_command, train_losses, wait_for_step
@@ -61,6 +62,16 @@ def test_two_processes_make_exactly_one_wandb_run(two_process_run):
 
 
 @pytest.mark.slow
+def test_wandb_charts_step_by_the_logged_optimizer_step(two_process_run):
+    """W&B's own step only grows and drops a record below it (a validation a resume redoes at
+    the step it was cut off at): every record carries global_step, the charts' x-axis."""
+    run = read_offline_run(offline_runs(two_process_run)[0])
+    assert all("global_step" in row for row in run["history"] if "train/loss" in row or "validation/loss" in row)
+    assert [row["global_step"] for row in run["history"] if "validation/loss" in row] == [10, 16, 20]
+    assert run["step_metrics"].get("*") == "global_step"
+
+
+@pytest.mark.slow
 def test_plots_metrics_and_report(two_process_run):
     events = [json.loads(line) for line in (two_process_run / "metrics.jsonl").read_text().splitlines()]
     assert {e["event"] for e in events} == {"train", "eval"}
@@ -75,6 +86,40 @@ def test_plots_metrics_and_report(two_process_run):
     assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
     card = (two_process_run / "best" / "README.md").read_text()
     assert "tiny-bert" in card and "accuracy" in card and "negative" in card
+    # As trained, not as configured: 20 of the epoch's steps, two processes, the precision run.
+    best_step = read_summary(two_process_run)["best_metric"]["step"]
+    assert f"- Training: {best_step} optimizer steps (" in card
+    assert "global batch 16 (8 per process x 2\n  process(es) x 1 accumulation), precision no" in card
+
+
+def test_a_run_without_wandb_keeps_the_wandb_run_id_for_the_next(tmp_path):
+    """A segment resumed with log.wandb=false (or whose W&B failed to start) must pass the run
+    id on: the next segment with W&B continues the same W&B run, not a new one."""
+    out = tmp_path / "segments"
+    base = ["train", *TINY, "train.max_steps=8", "checkpoint.every_steps=2", f"output_dir={out}"]
+    run_cli(*base, *WANDB, env=wandb_env())
+    (offline,) = offline_runs(out)
+    first_id = read_offline_run(offline)["run_id"]
+    # The segment without W&B goes on from step 4 and writes the step-6 checkpoint anew.
+    for later in complete_checkpoints(out)[-1:]:
+        if later.name == "step-00000006":
+            shutil.rmtree(later)
+    assert complete_checkpoints(out)[-1].name == "step-00000004"
+    run_cli(*base, "train.resume=auto", "log.wandb=false", env=wandb_env())
+    payload = json.loads((out / "checkpoints" / "step-00000006" / STATE_FILE).read_text())
+    assert payload["state"]["wandb_run_id"] == first_id
+
+
+@pytest.mark.slow
+def test_wandb_that_cannot_be_imported_costs_the_record_not_the_run(tmp_path):
+    broken = tmp_path / "site" / "wandb"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('a broken wandb install')\n")
+    out = tmp_path / "run"
+    env = {**wandb_env(), "PYTHONPATH": f"{broken.parent}:{REPO}"}
+    result = run_cli("train", *TINY, *WANDB, "train.max_steps=2", f"output_dir={out}", env=env)
+    assert "wandb cannot be imported (a broken wandb install); the run goes on without it" in result.stderr
+    assert read_summary(out)["global_step"] == 2
 
 
 @pytest.mark.slow
@@ -106,7 +151,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     runs = [read_offline_run(d) for d in offline_runs(out)]
     assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]
-    steps = [row["_step"] for run in runs for row in run["history"] if "train/loss" in row]
+    steps = [row["global_step"] for run in runs for row in run["history"] if "train/loss" in row]
     assert steps[-1] == 30 and read_summary(out)["global_step"] == 30
     assert_no_secret(out)
 
@@ -155,7 +200,7 @@ def test_unreachable_wandb_server_logs_offline_instead(tmp_path):
     assert "W&B could not start (CommError" in result.stderr and "logging offline instead" in result.stderr
     (offline,) = offline_runs(out)
     run = read_offline_run(offline)
-    assert [row["_step"] for row in run["history"] if "train/loss" in row] == [5, 6]
+    assert [row["global_step"] for row in run["history"] if "train/loss" in row] == [5, 6]
     assert run["config"]["run"]["world_size"] == 1 and run["config"]["run"]["mixed_precision"] == "no"
     assert_no_secret(out)
 

@@ -45,6 +45,18 @@ def test_a_cpu_run_without_deepspeed_prints_no_gpu_detection_warning(tiny_run: P
     assert "unable to detect" not in output, output[-2000:]
 
 
+def test_saved_predictions_give_the_logged_roc_auc(tiny_run: Path):
+    """The ROC plot is redrawn from validation_predictions.json: its AUC must be the logged one
+    (probabilities once rounded to 6 digits made ties, and a different AUC)."""
+    from sklearn.metrics import roc_auc_score
+
+    saved = json.loads((tiny_run / "validation_predictions.json").read_text())
+    positive = [row[1] for row in saved["probs"]]
+    assert roc_auc_score(saved["labels"], positive) == pytest.approx(
+        read_summary(tiny_run)["eval"]["roc_auc"], abs=1e-12
+    )
+
+
 def banner_value(stdout: str, key: str) -> str:
     line = next(line for line in stdout.splitlines() if line.strip().startswith(key + " "))
     return line.strip()[len(key) :].strip()

@@ -42,11 +42,14 @@ def _records(path: Path):
 
 
 def read_offline_run(run_dir: Path) -> dict:
-    """{"run_id", "history": [ {key: value} ], "config": {key: value}} of one offline run folder."""
+    """{"run_id", "history": [ {key: value} ], "config": {key: value}, "step_metrics": {metric
+    name or glob: its x-axis metric}} of one offline run folder."""
     (run_file,) = Path(run_dir).glob("run-*.wandb")
-    run_id, history, config = None, [], {}
+    run_id, history, config, step_metrics = None, [], {}, {}
     for record in _records(run_file):
         kind = record.WhichOneof("record_type")
+        if kind == "metric" and record.metric.step_metric:
+            step_metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
         if kind == "run":
             run_id = record.run.run_id
             updates = record.run.config.update
@@ -60,4 +63,4 @@ def read_offline_run(run_dir: Path) -> dict:
             history.append(
                 {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             )
-    return {"run_id": run_id, "history": history, "config": config}
+    return {"run_id": run_id, "history": history, "config": config, "step_metrics": step_metrics}
