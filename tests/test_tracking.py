@@ -86,7 +86,7 @@ def test_plots_metrics_and_report(two_process_run):
     assert all((plots / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
     card = (two_process_run / "best" / "README.md").read_text()
     assert "tiny-bert" in card and "accuracy" in card and "negative" in card
-    # As trained, not as configured: 20 of the epoch's steps, two processes, the precision run.
+    # As trained, not as configured: the export's step, both processes, the resolved precision.
     best_step = read_summary(two_process_run)["best_metric"]["step"]
     assert f"- Training: {best_step} optimizer steps (" in card
     assert "global batch 16 (8 per process x 2\n  process(es) x 1 accumulation), precision no" in card
@@ -101,10 +101,8 @@ def test_a_run_without_wandb_keeps_the_wandb_run_id_for_the_next(tmp_path):
     (offline,) = offline_runs(out)
     first_id = read_offline_run(offline)["run_id"]
     # The segment without W&B goes on from step 4 and writes the step-6 checkpoint anew.
-    for later in complete_checkpoints(out)[-1:]:
-        if later.name == "step-00000006":
-            shutil.rmtree(later)
-    assert complete_checkpoints(out)[-1].name == "step-00000004"
+    assert [c.name for c in complete_checkpoints(out)][-2:] == ["step-00000004", "step-00000006"]
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
     run_cli(*base, "train.resume=auto", "log.wandb=false", env=wandb_env())
     payload = json.loads((out / "checkpoints" / "step-00000006" / STATE_FILE).read_text())
     assert payload["state"]["wandb_run_id"] == first_id
