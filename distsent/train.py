@@ -325,6 +325,13 @@ def train(cfg: Config) -> dict:
             if carried:
                 log.warning(carried)
 
+        # What the config leaves open, as this run resolved it: for W&B and the model cards.
+        run_facts = {
+            "world_size": world_size,
+            "global_batch_size": plan.global_batch_size,
+            "mixed_precision": accelerator.mixed_precision,
+            "distributed_type": accelerator.distributed_type.value,
+        }
         run_logger = RunLogger(
             cfg,
             output_dir,
@@ -332,12 +339,7 @@ def train(cfg: Config) -> dict:
             total_steps,
             initial_step=state.global_step,
             wandb_run_id=state.wandb_run_id,
-            run_facts={
-                "world_size": world_size,
-                "global_batch_size": plan.global_batch_size,
-                "mixed_precision": accelerator.mixed_precision,
-                "distributed_type": accelerator.distributed_type.value,
-            },
+            run_facts=run_facts,
         )
         # Kept in every checkpoint, so a resumed run continues the same W&B run; a segment
         # without W&B (log.wandb=false, or W&B failed to start) passes the id on.
@@ -405,12 +407,7 @@ def train(cfg: Config) -> dict:
 
         def as_trained() -> dict:
             """How the model of an export was trained, for its model card."""
-            return {
-                "epochs": round(state.global_step / steps_per_epoch, 4),
-                "world_size": world_size,
-                "global_batch_size": plan.global_batch_size,
-                "mixed_precision": accelerator.mixed_precision,
-            }
+            return {**run_facts, "epochs": round(state.global_step / steps_per_epoch, 4)}
 
         def validate_and_export_best() -> None:
             """Validate, and score the test split with each new best model (the one best/ holds,
