@@ -28,16 +28,34 @@ class Preempted(Exception):
     exit_code = EXIT_PREEMPTED
 
 
-def record_preemption(reason: str) -> None:
+def record_preemption(reason: str, made_progress: bool) -> None:
     """Write "this run was preempted" where a job script asked (DISTSENT_PREEMPTED_FILE).
 
     Launchers such as `accelerate launch` report a failed worker with their own exit code
     (1), so a script cannot rely on seeing EXIT_PREEMPTED; the marker file carries it.
     Called by the main process as soon as the checkpoint is written, before the run tears
-    down: in a multi-node job srun may kill this process once another node's ranks exit."""
+    down: in a multi-node job srun may kill this process once another node's ranks exit.
+
+    `made_progress` says whether this segment got anywhere (see `segment_made_progress`):
+    a job script must not requeue a segment that did not, or it would loop forever."""
+    if not made_progress:
+        log.error(
+            "this segment was stopped before it finished an optimizer step or a pending validation: "
+            "its checkpoint is the one it resumed from, so a requeued job of the same length would "
+            "stop at the same point. Give the job more time, or make validation shorter "
+            "(data.max_eval_samples, a larger train.eval_batch_size)"
+        )
     marker = os.environ.get("DISTSENT_PREEMPTED_FILE")
     if marker:
-        Path(marker).write_text(json.dumps({"exit_code": EXIT_PREEMPTED, "reason": reason}) + "\n")
+        record = {"exit_code": EXIT_PREEMPTED, "reason": reason, "made_progress": made_progress}
+        Path(marker).write_text(json.dumps(record) + "\n")
+
+
+def segment_made_progress(at_start: tuple[int, bool], now: tuple[int, bool]) -> bool:
+    """Whether a segment moved on from where it started, given (optimizer step, validation
+    pending) at its start and at its stop. A validation cut off by a preemption is redone from
+    its beginning on resume, so finishing one is progress and starting one is not."""
+    return now != at_start
 
 
 class PreemptionWatcher:

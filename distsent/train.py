@@ -58,7 +58,7 @@ from distsent.modeling import (
 from distsent.optim import build_optimizer, build_schedule, loss_scale, scaler_skipped_step
 from distsent.packing import is_packed, model_inputs, position_limit, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
-from distsent.preemption import Preempted, PreemptionWatcher, record_preemption
+from distsent.preemption import Preempted, PreemptionWatcher, record_preemption, segment_made_progress
 from distsent.run_lock import lock_output_dir
 from distsent.tracking import RunLogger, peak_memory_mib
 
@@ -316,6 +316,8 @@ def train(cfg: Config) -> dict:
                     output_dir,
                     ", ".join(path.name for path in archived),
                 )
+        # Where this segment starts, to tell a job script whether it got anywhere when stopped.
+        segment_start = (state.global_step, state.eval_pending)
         if accelerator.is_main_process:
             # Only now that the data, the settings and any checkpoint are accepted: a refused
             # run leaves the folder as the earlier run left it.
@@ -390,7 +392,8 @@ def train(cfg: Config) -> dict:
         def checkpoint_for_preemption(reason: str) -> None:
             checkpoint()
             if accelerator.is_main_process:
-                record_preemption(reason)
+                progressed = segment_made_progress(segment_start, (state.global_step, state.eval_pending))
+                record_preemption(reason, progressed)
 
         last_predictions = None
 

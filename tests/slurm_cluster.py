@@ -42,6 +42,7 @@ MpiDefault=none
 ReturnToService=2
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
+# Slurm's default is 30 s: a busy 2-core CI machine can need longer to checkpoint after SIGTERM.
 KillWait=60
 MinJobAge=3600
 NodeName={host} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN

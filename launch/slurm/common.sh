@@ -5,7 +5,10 @@
 # Environment knobs:
 #   DISTSENT_PYTHON       python that has distsent installed (default: python3 on PATH)
 #   DISTSENT_LAUNCH_FILE  accelerate config (default: launch/accelerate/ddp.yaml)
-#   DISTSENT_REQUEUE      1 (default) requeues a preempted job; 0 leaves it ended
+#   DISTSENT_REQUEUE      1 (default) requeues a preempted job; 0 leaves it ended. A segment
+#                         that made no progress (no optimizer step, no pending validation
+#                         finished) is never requeued: the next would stop at the same point
+#   DISTSENT_MAX_RESTARTS requeue at most this many times (default: no cap)
 #   DISTSENT_PROCESSES_PER_NODE   ranks per node (default: the GPUs Slurm gave the node, else
 #                         DISTSENT_CPU_PROCESSES_PER_NODE, default 1)
 #
@@ -64,8 +67,18 @@ distsent_run_on_nodes() {
     local status=$?
     set -e
     if [ -f "$marker" ]; then
+        # A segment that ended where it began (distsent logged why) would do so again.
+        local progressed=1
+        if grep -q '"made_progress": false' "$marker"; then progressed=0; fi
         rm -f "$marker"
-        if [ "${DISTSENT_REQUEUE:-1}" = "1" ]; then
+        local restarts="${SLURM_RESTART_COUNT:-0}"
+        if [ "${DISTSENT_REQUEUE:-1}" != "1" ]; then
+            echo "distsent: preempted (exit 75); not requeueing (DISTSENT_REQUEUE=${DISTSENT_REQUEUE})"
+        elif [ "$progressed" = 0 ]; then
+            echo "distsent: error: preempted (exit 75) with no progress since the checkpoint this segment resumed from; not requeueing job $SLURM_JOB_ID" >&2
+        elif [ -n "${DISTSENT_MAX_RESTARTS:-}" ] && [ "$restarts" -ge "$DISTSENT_MAX_RESTARTS" ]; then
+            echo "distsent: error: preempted (exit 75) after $restarts restart(s), the cap DISTSENT_MAX_RESTARTS=$DISTSENT_MAX_RESTARTS; not requeueing job $SLURM_JOB_ID" >&2
+        else
             echo "distsent: preempted (exit 75); requeueing job $SLURM_JOB_ID"
             scontrol requeue "$SLURM_JOB_ID"
         fi
