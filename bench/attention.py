@@ -47,14 +47,17 @@ def sdpa_step(leaves, mask, grad):
     output.transpose(1, 2).backward(grad)
 
 
-def mean_milliseconds(step, args, calls: int) -> float:
+def mean_milliseconds(step, args, seconds: float) -> float:
+    """Mean time of `step` over as many calls as fit in about `seconds` (at least two): a
+    budget in time, not calls, so that a busy machine makes the timing noisier, not endless."""
     for leaf in args[0]:
         leaf.grad = None
-    start = time.perf_counter()
-    for _ in range(calls):
+    calls, start = 0, time.perf_counter()
+    while calls < 2 or time.perf_counter() - start < seconds:
         step(*args)
         for leaf in args[0]:
             leaf.grad = None
+        calls += 1
     return (time.perf_counter() - start) / calls * 1000
 
 
@@ -69,14 +72,12 @@ def main() -> None:
     keep_freed_memory()  # as distsent's CPU training runs; the SDPA peer gains from it too
     for length in args.lengths:
         tensors = inputs(args.batch, length)
-        # About a second per timing at every length.
-        calls = max(2, int(2e8 / (args.batch * length * length * HEADS)))
         times = {"distsent": [], "sdpa": []}
-        for step in (distsent_step, sdpa_step):  # warm-up
-            mean_milliseconds(step, tensors, 2)
+        for step in (distsent_step, sdpa_step):  # warm-up: two calls each
+            mean_milliseconds(step, tensors, seconds=0)
         for _ in range(args.rounds):
-            times["distsent"].append(mean_milliseconds(distsent_step, tensors, calls))
-            times["sdpa"].append(mean_milliseconds(sdpa_step, tensors, calls))
+            times["distsent"].append(mean_milliseconds(distsent_step, tensors, seconds=1))
+            times["sdpa"].append(mean_milliseconds(sdpa_step, tensors, seconds=1))
         best = {name: min(values) for name, values in times.items()}
         record = {
             "length": length,

@@ -289,6 +289,12 @@ def model_flops(
     }
 
 
+# How the peaks are measured: one large square product on a GPU; on a CPU two sizes, since
+# the fastest blocking differs between CPUs.
+CUDA_PEAK_SIZE, CUDA_PEAK_REPEATS = 8192, 10
+CPU_PEAK_SIZES, CPU_PEAK_REPEATS = (2048, 4096), 3
+
+
 def device_gemm_peak(threads: int) -> dict[str, float]:
     """The matmul peaks of the device the contenders train on: the GPU where there is one."""
     import torch
@@ -296,7 +302,17 @@ def device_gemm_peak(threads: int) -> dict[str, float]:
     return cuda_gemm_peak() if torch.cuda.is_available() else gemm_peak(threads)
 
 
-def cuda_gemm_peak(size: int = 8192, repeats: int = 10) -> dict[str, float]:
+def device_gemm_peak_method() -> str:
+    """What `device_gemm_peak` measures here, for the report."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"best of {CUDA_PEAK_REPEATS} square bf16/fp32 matmuls at n={CUDA_PEAK_SIZE} on the GPU"
+    sizes = " and ".join(f"n={size}" for size in CPU_PEAK_SIZES)
+    return f"best of {CPU_PEAK_REPEATS} square matmuls at {sizes} through torch"
+
+
+def cuda_gemm_peak(size: int = CUDA_PEAK_SIZE, repeats: int = CUDA_PEAK_REPEATS) -> dict[str, float]:
     """Best-of square matmul throughput on the GPU, bf16 and fp32, in FLOP/s (synchronised:
     CUDA kernels run asynchronously, so the clock stops only when the product is done)."""
     import torch
@@ -316,7 +332,7 @@ def cuda_gemm_peak(size: int = 8192, repeats: int = 10) -> dict[str, float]:
     return peaks
 
 
-def gemm_peak(threads: int, sizes=(2048, 4096), repeats: int = 3) -> dict[str, float]:
+def gemm_peak(threads: int, sizes=CPU_PEAK_SIZES, repeats: int = CPU_PEAK_REPEATS) -> dict[str, float]:
     """Best-of dense square matmul throughput on the CPU through torch, bf16 and fp32, in FLOP/s."""
     import torch
 
@@ -724,12 +740,7 @@ def main(argv: list[str] | None = None) -> int:
             "fp32_flops": peaks["fp32"],
             "before": peaks_before,
             "after": peaks_after,
-            "method": (
-                "best of 10 square bf16/fp32 matmuls at n=8192 on the GPU"
-                if torch.cuda.is_available()
-                else "best of 3 square matmuls at n=2048 and n=4096 through torch"
-            )
-            + ", before and after the contenders",
+            "method": device_gemm_peak_method() + ", before and after the contenders",
             "machine": {**machine, "load_average_end": [round(x, 2) for x in os.getloadavg()]},
             "workload": workload,
             "command": command,

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             record[f"speedup_{fewest}_to_{most}_threads"] = round(fewest_ms / operators[most][name]["ms"], 2)
         if operators[most][name]["flops"]:
             flop_rate = operators[most][name]["flops"] / (operators[most][name]["ms"] / 1000)
-            record.update(gflops=round(flop_rate / 1e9, 1), fraction_of_peak=round(flop_rate / peak, 3))
+            record.update(gflops=round(flop_rate / 1e9, 3), fraction_of_peak=round(flop_rate / peak, 4))
         print(json.dumps(record))
     record = {"precision": precision, "peak_gflops": round(peak / 1e9, 1), "threads": most}
     print(json.dumps({**record, "allocator": active_allocator()}))

@@ -16,6 +16,7 @@ from distsent.config import ConfigError, settings_reference
 from distsent.worker_exit import exit_without_teardown, report_fatal_signals
 
 EXIT_USAGE = 2
+STDIN = "-"  # predict --file -: texts from standard input, one per line
 COLUMN_NAMES_HELP = "names of a headerless CSV/TSV file's columns, comma-separated (implies --no-header)"
 FILE_HEADER_HELP = (
     "whether a CSV/TSV file starts with a header row (default: as the model's training data; "
@@ -58,6 +59,8 @@ def _predict(args: argparse.Namespace) -> int:
         )
     if args.file and args.output:
         _refuse_overwriting_input(Path(args.output), Path(args.file), "--output", "--file")
+    if args.file and args.file != STDIN:
+        _require_file(Path(args.file), "--file")
     predictor = Predictor(args.model)
     texts, ids = list(args.texts), None
     if args.file:
@@ -118,16 +121,16 @@ def _column_names(text: str) -> list[str]:
 def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list | None]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet
     file, and with `id_column` each row's value in that column, to carry into its prediction."""
-    from distsent.data import PREDICT_FLAGS, BadRows, DataError, read_file
+    from distsent.data import PREDICT_FLAGS, BadRows, DataError, physical_lines, read_file
 
-    if path.suffix.lower() == ".txt":
+    if path.suffix.lower() == ".txt" or str(path) == STDIN:
         if id_column:
             raise ConfigError(f"--id-column {id_column}: {path} is one text per line, without columns")
-        if not path.is_file():
+        if str(path) != STDIN and not path.is_file():
             raise DataError(f"{path}: file not found")
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if str(path) == STDIN else path.read_bytes()
         try:
-            lines = raw.decode("utf-8-sig").splitlines()
+            lines = physical_lines(raw.decode("utf-8-sig"))
         except UnicodeDecodeError as error:
             line = raw[: error.start].count(b"\n") + 1
             raise DataError(f"{path}:{line}: not UTF-8 text") from error
@@ -156,6 +159,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         _refuse_overwriting_input(Path(args.misclassified), data, "--misclassified", "--data")
     if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise ConfigError(f"--plots {args.plots}: a file, not a folder to draw into")
+    _require_file(data, "--data")
     predictor = Predictor(args.model)
     settings = _file_settings(predictor.data, data, args, "--data")
     cfg = dataclasses.replace(settings, bad_rows=args.bad_rows or settings.bad_rows)
@@ -163,6 +167,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate_file(predictor, cfg, misclassified, Path(args.plots) if args.plots else None)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _require_file(path: Path, flag: str) -> None:
+    """Before the model loads: a missing input should not cost the user that wait."""
+    from distsent.data import DataError
+
+    if not path.is_file():
+        raise DataError(f"{flag} {path}: file not found" if not path.exists() else f"{flag} {path}: not a file")
 
 
 def _refuse_overwriting_input(output: Path, source: Path, output_flag: str, source_flag: str) -> None:
@@ -202,7 +214,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -242,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify texts with an exported model")
     predict.add_argument("--model", required=True, help="exported model folder (e.g. runs/x/best)")
     predict.add_argument("texts", nargs="*", help="texts to classify")
-    predict.add_argument("--file", help="texts to classify: .txt (one per line), CSV, TSV, JSON, JSONL or Parquet")
+    predict.add_argument(
+        "--file",
+        help=f"texts to classify: .txt (one per line; {STDIN} reads them from standard input), CSV, TSV, JSON, "
+        "JSONL or Parquet",
+    )
     predict.add_argument("--text-column", help="text column of --file (default: the one the model was trained on)")
     predict.add_argument("--header", action=argparse.BooleanOptionalAction, help=FILE_HEADER_HELP)
     predict.add_argument("--column-names", help=COLUMN_NAMES_HELP)

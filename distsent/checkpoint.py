@@ -45,7 +45,15 @@ def sync_tree(folder: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it
+    # Linux shows the umask without touching it. Elsewhere reading it means setting it, and a
+    # file another thread creates in that moment gets the placeholder's permissions.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

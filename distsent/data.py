@@ -73,6 +73,7 @@ class SettingNames:
     label_column: str = "data.label_column"
     bad_row_advice: str = "set data.bad_rows=skip to drop such rows"
     headerless_advice: str = "set data.has_header=false and data.column_names"
+    header_advice: str = "set data.has_header=true"
 
 
 CLI_FLAGS = SettingNames(
@@ -80,10 +81,12 @@ CLI_FLAGS = SettingNames(
     label_column="--label-column",
     bad_row_advice="pass --bad-rows skip to drop such rows",
     headerless_advice="pass --column-names (e.g. --column-names id,text,label)",
+    header_advice="pass --header",
 )
 # predict answers every row or none: a bad row is a file read the wrong way, not one to drop.
 PREDICT_FLAGS = replace(
-    CLI_FLAGS, bad_row_advice="is the file read as intended? see --header/--no-header and --text-column"
+    CLI_FLAGS,
+    bad_row_advice="is the file read as intended? see --header/--no-header, --column-names and --text-column",
 )
 
 
@@ -94,15 +97,30 @@ class BadRows:
         self.mode = mode
         self.names = names
         self.skipped: dict[str, int] = {}
+        self.first: dict[str, str] = {}  # each kind's first skipped row, as an example
 
     def report(self, origin: str, problem: str) -> None:
         if self.mode == "error":
             raise DataError(f"{origin}: {problem} ({self.names.bad_row_advice})")
         kind = problem.split(":")[0]
         self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        self.first.setdefault(kind, f"{origin}: {problem}")
 
     def notes(self) -> list[str]:
-        return [f"skipped {count} row(s): {problem}" for problem, count in self.skipped.items()]
+        return [
+            f"skipped {count} row(s): {kind} (the first: {self.first[kind]})" for kind, count in self.skipped.items()
+        ]
+
+
+def nothing_left(where: str, what: str, notes: list[str]) -> DataError:
+    """The error for a file or split that filtering emptied, with what took its rows."""
+    return DataError(f"{where}: no {what}" + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def physical_lines(text: str) -> list[str]:
+    """Lines as editors and `wc -l` count them: split at \\n (and \\r\\n) only. str.splitlines
+    also splits at U+2028, form feeds and more, which can sit inside a text or a JSON string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def embedded_csv_path() -> Path:
@@ -163,30 +181,37 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     # The csv module's default field limit (128 KiB) is shorter than some reviews.
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     text = _decode(path.read_bytes())
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_SUFFIXES[path.suffix.lower()])
+    # Strict: a field that opens a quote must close it right before a delimiter. The lenient
+    # reader instead joins what follows a closing quote (`"Great" movie` becomes `Great movie`)
+    # and lets a quote left open run to the end of the file, swallowing every line on the way.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_SUFFIXES[path.suffix.lower()], strict=True)
     if cfg.has_header:
-        header = next(reader, None)
+        header = _next_row(reader, path, 0, bad)
         if not header:
             raise DataError(f"{path}: no header row")
     else:
         header = list(cfg.column_names)
-    # A headerless file read with a header has its first row as names: say so where they don't fit.
-    maybe_headerless = f"; if its first row is data, not names: {bad.names.headerless_advice}" if cfg.has_header else ""
-    _require_columns(path, header, cfg, bad.names, maybe_headerless)
+    # A file read the wrong way round (with or without a header) has the wrong names: say so.
+    if cfg.has_header:
+        other_way = f"; if its first row is data, not names: {bad.names.headerless_advice}"
+    else:
+        other_way = (
+            f" (given names: it is read without a header row); if its first row is names: {bad.names.header_advice}"
+        )
+    _require_columns(path, header, cfg, bad.names, other_way)
     text_at, label_at = header.index(cfg.text_column), header.index(cfg.label_column)
     texts, labels, origins = [], [], []
     line = reader.line_num
-    while True:
-        try:
-            row = next(reader, None)
-        except csv.Error as error:
-            raise DataError(f"{path}:{line + 1}: unreadable row ({error})") from error
-        if row is None:
-            break
+    while (row := _next_row(reader, path, line, bad)) is not None:
         first, line = line + 1, reader.line_num
         origin = f"{path}:{first}"
-        if not row:
+        if not row:  # a blank line, or a malformed row reported and skipped
             continue
+        if first == 1 and not cfg.has_header and row == header:
+            raise DataError(
+                f"{origin}: the first row is the column names {header}, but the file is read as having no "
+                f"header row; {bad.names.header_advice}"
+            )
         if len(row) != len(header):
             if line > first + 1:
                 # An unbalanced quote swallows every line up to the next quote; skipping that
@@ -203,6 +228,26 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     return Rows(texts, labels, origins, str(path))
 
 
+def _next_row(reader, path: Path, line: int, bad: BadRows) -> list[str] | None:
+    """The reader's next row (None at the end); a malformed one is reported to `bad` and comes
+    back as [], except a quote left open, which takes every row after it (never skipped)."""
+    try:
+        return next(reader, None)
+    except csv.Error as error:
+        if "unexpected end of data" in str(error):
+            raise DataError(
+                f"{path}:{line + 1}: a quoted field opened on this row runs to the end of the file; "
+                "is a quote unbalanced?"
+            ) from error
+        if reader.line_num > line + 1:
+            raise DataError(
+                f"{path}:{line + 1}: a quoted field runs on to line {reader.line_num} and then breaks off "
+                f"({error}); is a quote unbalanced?"
+            ) from error
+        bad.report(f"{path}:{line + 1}", f"malformed row: {error} (a quoted field must end at its closing quote)")
+        return []
+
+
 def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     text = _decode(path.read_bytes())
     stripped = text.lstrip()
@@ -213,21 +258,24 @@ def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
             raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
     else:
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(physical_lines(text), start=1):
             if not line.strip():
                 continue
             try:
                 records.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
                 bad.report(f"{path}:{number}", f"malformed row: not valid JSON ({error.msg})")
-    if records and isinstance(records[0][1], dict):
-        _require_columns(path, list(records[0][1]), cfg, bad.names)
+    objects = [record for _, record in records if isinstance(record, dict)]
+    if objects:
+        # A column no record has is a wrong setting, not a bad row; one some records lack is theirs.
+        _require_columns(path, list(dict.fromkeys(key for record in objects for key in record)), cfg, bad.names)
     texts, labels, origins = [], [], []
     for origin, record in records:
         if not isinstance(record, dict):
             bad.report(origin, "malformed row: not a JSON object")
             continue
-        missing = [c for c in (cfg.text_column, cfg.label_column) if c not in record]
+        # dict.fromkeys: predict reads the text column as its label column too.
+        missing = [c for c in dict.fromkeys((cfg.text_column, cfg.label_column)) if c not in record]
         if missing:
             bad.report(origin, f"malformed row: no {', '.join(missing)}")
             continue
@@ -277,7 +325,7 @@ def read_file(path_text: str, cfg: DataConfig, bad: BadRows) -> Rows:
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .parquet")
     if not rows.texts:
-        raise DataError(f"{path}: no usable rows")
+        raise nothing_left(str(path), "usable rows", bad.notes())
     return rows
 
 
@@ -344,11 +392,18 @@ def clean_and_filter(
 
 
 def label_key(label, label_names: list[str] | None) -> str:
-    """The label's name. Integer labels (or digit strings from CSV) index configured names
-    (`labels: [negative, positive]` with 0/1 data) unless they are names themselves. Surrounding
-    spaces are not part of it (`"text", positive` in a CSV)."""
+    """The label's name. Integer labels (or digit strings from CSV) index `label_names`
+    (`labels: [negative, positive]` with 0/1 data) unless they are names themselves, or the
+    names are numbers (0 is not "the first of 1, 2, 3"). Surrounding spaces are not part of
+    it (`"text", positive` in a CSV)."""
     key = str(label).strip()
-    if label_names and key not in label_names and key.lstrip("-").isdigit() and not isinstance(label, bool):
+    if (
+        label_names
+        and key not in label_names
+        and _is_integer(key)
+        and not isinstance(label, bool)
+        and not any(_is_integer(name) for name in label_names)
+    ):
         number = int(key)
         return label_names[number] if 0 <= number < len(label_names) else key
     return key
@@ -360,9 +415,13 @@ def _label_names(labels: list, configured: list[str] | None) -> list[str]:
     return _natural_order({label_key(label, None) for label in labels})
 
 
+def _is_integer(name: str) -> bool:
+    return name.lstrip("-").isdigit()
+
+
 def _natural_order(names) -> list[str]:
     """Integer names by value (2 before 10), any others alphabetically."""
-    if all(name.lstrip("-").isdigit() for name in names):
+    if all(_is_integer(name) for name in names):
         return sorted(names, key=int)
     return sorted(names)
 
@@ -373,8 +432,9 @@ def _to_ids(
     index = {name: i for i, name in enumerate(label_names)}
     texts, ids = [], []
     for text, label, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
-        # Integer labels index data.labels as configured, whatever drop_labels took out.
-        key = label_key(label, configured or label_names)
+        # Integer labels index data.labels as configured, whatever drop_labels took out. Names
+        # read from the training data are in an order of distsent's making: no integer indexes them.
+        key = label_key(label, configured)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one of the training labels {label_names}")
             continue
@@ -437,7 +497,7 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
         # A misspelt label would otherwise stay in the data unnoticed.
         raise ConfigError(f"data.drop_labels: {unmatched} match no row's label")
     if not raw["train"].texts:
-        raise DataError(f"{raw['train'].where}: no training rows left after filtering")
+        raise nothing_left(raw["train"].where, "training rows left after filtering", notes + bad.notes())
     label_names = _label_names(raw["train"].labels, cfg.labels)
     if cfg.labels:
         # A dropped label is no class of the model (listed by name or by its integer).
@@ -481,7 +541,7 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     splits.notes.extend(bad.notes())
     if not splits.texts.get("validation"):
         if "validation" in raw:
-            raise DataError(f"{raw['validation'].where}: no validation rows left after filtering")
+            raise nothing_left(raw["validation"].where, "validation rows left after filtering", notes + bad.notes())
         if cfg.validation_fraction == 0.0:
             raise DataError("no validation data: set data.validation_fraction > 0 or give a validation file/split")
         raise DataError(
@@ -489,7 +549,7 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
             "class has one training row and a class's only row stays in train; give a validation file/split"
         )
     if "test" in splits.texts and not splits.texts["test"]:
-        raise DataError(f"{cfg.test_file or 'the test split'}: no test rows left after filtering")
+        raise nothing_left(cfg.test_file or "the test split", "test rows left after filtering", notes + bad.notes())
     return splits
 
 
@@ -544,7 +604,9 @@ def encode_texts(
     budget = max_length - len(prefix) - len(suffix)
     tail = budget - head_tokens
     encoded = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    # verbose=False: the texts are cut to max_length below, so the tokenizer's "longer than the
+    # maximum ... indexing errors" warning would be wrong.
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         if len(ids) > budget:
             ids = ids[:head_tokens] + (ids[-tail:] if tail > 0 else [])
         encoded.append(prefix + ids + suffix)

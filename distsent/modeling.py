@@ -185,20 +185,26 @@ def load_pretrained(model_class, source: str, shown_name: str, **kwargs):
     return model, loading
 
 
-def describe_loading(model, shown_name: str, loading: dict) -> None:
-    # A classifier's head is whatever sits beside its encoder; a bare encoder has none.
+def is_head_key(model, key: str) -> bool:
+    """Whether a weight name belongs to `model`'s head: whatever sits beside its encoder (a
+    bare encoder has none). Covers heads of more than one layer (DistilBERT's pre_classifier)."""
     prefix = model.base_model_prefix
-    wraps_encoder = isinstance(getattr(model, prefix, None), torch.nn.Module)
+    return isinstance(getattr(model, prefix, None), torch.nn.Module) and key.split(".")[0] != prefix
 
-    def in_head(key: str) -> bool:
-        return wraps_encoder and key.split(".")[0] != prefix
 
+def describe_loading(model, shown_name: str, loading: dict) -> None:
+    """Log a checkpoint's fit to `model` in a line per kind (new head, encoder weights missing,
+    weights unused), in place of transformers' load report."""
     mismatched = sorted(key[0] if isinstance(key, tuple) else key for key in loading.get("mismatched_keys", ()))
     missing = sorted(loading.get("missing_keys", ()))
-    missing_encoder = [key for key in missing if not in_head(key)]
-    new_head = [key for key in missing + mismatched if in_head(key)]
+    missing_encoder = [key for key in missing if not is_head_key(model, key)]
+    new_head = [key for key in missing + mismatched if is_head_key(model, key)]
     if new_head:
-        why = "another shape in the checkpoint" if any(in_head(key) for key in mismatched) else "not in the checkpoint"
+        why = (
+            "another shape in the checkpoint"
+            if any(is_head_key(model, key) for key in mismatched)
+            else "not in the checkpoint"
+        )
         log.info("model.name=%s: a new classification head (%s: %s)", shown_name, why, ", ".join(new_head))
     if missing_encoder:
         log.warning(
@@ -399,7 +405,7 @@ def load_classifier(directory: str | Path) -> torch.nn.Module:
         model, loading = load_pretrained(AutoModelForSequenceClassification, directory, str(directory))
         # transformers fills a missing head with random weights and a warning: predictions
         # from it would look fine and mean nothing.
-        missing_head = [key for key in loading["missing_keys"] if key.split(".")[0] in ("classifier", "score")]
+        missing_head = [key for key in loading["missing_keys"] if is_head_key(model, key)]
         if missing_head:
             raise ConfigError(f"{directory}: the weights have no classifier ({', '.join(missing_head)} missing)")
         use_first_token_last_layer(model)

@@ -13,6 +13,7 @@ from distsent.config import ConfigError, load_config
 from distsent.data import (
     DataError,
     encode_texts,
+    label_key,
     load_labeled_splits,
     stratified_split,
     tokenize,
@@ -312,11 +313,23 @@ def test_an_unbalanced_quote_is_named_even_in_skip_mode(tmp_path):
     long review, or a quote that never closes) once raised a traceback naming no file."""
     stray = GOOD.replace("fine text 10,neg\n", '"fine text 10,neg\n')
     path = write(tmp_path / "stray.csv", stray)
+    # Closed further down, with the wrong field count or with text after the closing quote.
+    closed = write(tmp_path / "closed.csv", stray.replace("fine text 20,neg", 'fine text 20",neg,x'))
+    broken = write(tmp_path / "broken.csv", stray.replace("fine text 20,neg", 'fine" text 20,neg'))
+    # A last column opened and left open: it runs to the end of the file with the right field count.
+    last = write(tmp_path / "last.tsv", GOOD.replace(",", "\t").replace("\tneg\n", '\t"neg\n', 1))
+    cases = [
+        (path, r"stray.csv:12: a quoted field opened on this row runs to the end of the file; is a quote unbalanced"),
+        (closed, r"closed.csv:12: a quoted field runs on to line 22 and the row has 3 fields, not 2; is a quote"),
+        (broken, r"broken.csv:12: a quoted field runs on to line 22 and then breaks off .*; is a quote unbalanced"),
+        (last, r"last.tsv:2: a quoted field opened on this row runs to the end of the file"),
+    ]
     for mode in ("error", "skip"):
-        with pytest.raises(
-            DataError, match=r"stray.csv:12: a quoted field runs on to line 41 .* is a quote unbalanced"
-        ):
-            load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", f"data.bad_rows={mode}"))
+        for source, message in cases:
+            with pytest.raises(DataError, match=message):
+                load_labeled_splits(
+                    data_cfg("data.dataset=files", f"data.train_file={source}", f"data.bad_rows={mode}")
+                )
     long_review = write(tmp_path / "long.csv", GOOD + f"{'very ' * 40_000}long,pos\n")
     splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={long_review}"))
     assert sum(splits.sizes().values()) == 41
@@ -434,3 +447,76 @@ def test_evaluate_reads_a_file_as_the_model_was_trained_on(tmp_path):
         "integer labels were read as positions in the model's labels: "
         "0=angry, 1=disgust, 2=happy, 3=not-relevant, 4=sad, 5=surprise"
     )
+
+
+def test_text_after_a_closing_quote_is_a_bad_row_not_quietly_joined(tmp_path):
+    # The lenient csv reader turned `"Great" movie` into `Great movie`.
+    path = write(tmp_path / "quoted.tsv", GOOD.replace(",", "\t") + '"Great" movie\tpos\n')
+    with pytest.raises(
+        DataError, match=r"quoted.tsv:42: malformed row: .*\(a quoted field must end at its closing quote\)"
+    ):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}"))
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", "data.bad_rows=skip"))
+    assert sum(splits.sizes().values()) == 40
+    assert not any("Great" in text for split in splits.texts.values() for text in split)
+    # A quote inside a field is text, as before.
+    inner = write(tmp_path / "inner.tsv", GOOD.replace(",", "\t") + 'said "hi" there\tpos\n')
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={inner}"))
+    assert any(text == 'said "hi" there' for split in splits.texts.values() for text in split)
+
+
+def test_integer_labels_are_positions_only_in_listed_names(tmp_path):
+    """Validation labels 0/1/2 against training labels 1/2/3, or against names the training
+    data gave (in an order of distsent's making), were mapped by position without a word."""
+    numbered = write(tmp_path / "r123.csv", "text,label\n" + "".join(f"text {i},{i % 3 + 1}\n" for i in range(60)))
+    named = write(tmp_path / "abc.csv", "text,label\n" + "".join(f"text {i},{'abc'[i % 3]}\n" for i in range(60)))
+    from_zero = write(tmp_path / "v0.csv", "text,label\nx,0\ny,1\nz,2\n")
+    for train in (numbered, named):
+        files = ["data.dataset=files", f"data.train_file={train}", f"data.validation_file={from_zero}"]
+        with pytest.raises(DataError, match=r"v0.csv:2: unknown label: '0' is not one of the training labels"):
+            load_labeled_splits(data_cfg(*files))
+    listed = ["data.dataset=files", f"data.train_file={named}", f"data.validation_file={from_zero}"]
+    splits = load_labeled_splits(data_cfg(*listed, "data.labels=[a, b, c]"))
+    assert splits.labels["validation"] == [0, 1, 2]
+    assert label_key("0", ["1", "2", "3"]) == "0" and label_key(0, ["negative", "positive"]) == "negative"
+
+
+def test_json_lines_are_lines_at_newlines_only(tmp_path):
+    # U+2028 is a line break to str.splitlines, not to JSON: distsent's own predictions hold it raw.
+    rows = [{"text": f"text {i}\u2028second line", "label": "ab"[i % 2]} for i in range(20)]
+    path = write(tmp_path / "sep.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows))
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}"))
+    texts = [text for split in splits.texts.values() for text in split]
+    assert len(texts) == 20 and all(text.endswith("\u2028second line") for text in texts)
+
+
+def test_a_file_emptied_by_its_bad_rows_says_what_they_were(tmp_path):
+    latin = write(tmp_path / "latin.csv", b"text,label\n" + b"".join(b"caf\xe9 %d,pos\n" % i for i in range(5)))
+    with pytest.raises(DataError) as error:
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={latin}", "data.bad_rows=skip"))
+    assert (
+        "latin.csv: no training rows left after filtering (skipped 5 row(s): undecodable bytes in the text column (the first: "
+        in str(error.value)
+    )
+    assert "latin.csv:2: undecodable" in str(error.value)
+
+
+def test_a_json_record_without_the_label_is_a_bad_row_even_the_first(tmp_path):
+    rows = [{"text": "unlabelled"}] + [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(40)]
+    path = write(tmp_path / "first.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"first.jsonl:1: malformed row: no label"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}"))
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", "data.bad_rows=skip"))
+    assert sum(splits.sizes().values()) == 40
+    # A column no record has is a wrong setting, named as such.
+    with pytest.raises(DataError, match=r"first.jsonl: no column 'category' \(data.label_column\)"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", "data.label_column=category"))
+
+
+def test_a_header_read_as_data_is_refused(tmp_path):
+    path = write(
+        tmp_path / "named.csv", "id,text,category\n" + "".join(f"{i},text {i},{'ab'[i % 2]}\n" for i in range(40))
+    )
+    headerless = ["data.has_header=false", "data.column_names=[id, text, category]", "data.label_column=category"]
+    with pytest.raises(DataError, match=r"named.csv:1: the first row is the column names .* set data.has_header=true"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", *headerless))

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from tests.conftest import TINY, read_summary, run_cli
+from tests.conftest import REPO, TINY, cli_env, read_summary, run_cli
 
 LABELS = ["negative", "positive"]
 
@@ -132,6 +134,23 @@ def test_predict_prints_one_json_per_text(tiny_run: Path):
         probs = model(**tokenizer("what a great film", return_tensors="pt")).logits.softmax(-1)[0]
     assert rows[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
     assert rows[0]["label"] == model.config.id2label[int(probs.argmax())]
+
+
+def test_predict_reads_texts_from_standard_input_line_by_line(tiny_run: Path, tmp_path: Path):
+    # U+2028 inside a text is no line break to the user's file, so none here either.
+    texts = ["what a great film", "dull\u2028and long"]
+    command = [sys.executable, "-m", "distsent", "predict", "--model", str(tiny_run / "final"), "--file", "-"]
+    result = subprocess.run(
+        command, input="\n".join(texts) + "\n", capture_output=True, text=True, env=cli_env(), cwd=REPO, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads(line)["text"] for line in result.stdout.strip().split("\n")] == texts
+    # A missing file is reported as such, with the flag, before the model is loaded.
+    missing = run_cli(
+        "predict", "--model", str(tiny_run / "final"), "--file", str(tmp_path / "absent.csv"), check=False
+    )
+    assert missing.returncode == 2 and f"--file {tmp_path / 'absent.csv'}: file not found" in missing.stderr
+    assert "Loading weights" not in missing.stderr
 
 
 def test_predictions_clean_texts_as_training_did(tiny_run: Path, tmp_path: Path):
