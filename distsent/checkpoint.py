@@ -103,6 +103,19 @@ def tidy_interrupted_exports(output_dir: Path, names: tuple[str, ...] = EXPORT_D
     return done
 
 
+def record_fp32(export: Path) -> None:
+    """Make an export's config.json say float32, as its weights are. transformers writes the
+    dtype of the model in memory, which DeepSpeed's bf16/fp16 modes cast to half precision,
+    and from_pretrained loads weights in the dtype the config names."""
+    config_file = export / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    if config.get("dtype", "float32") != "float32":
+        config["dtype"] = "float32"
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def staging_dir(target: Path) -> Path:
     """A hidden sibling folder to write into before `replace_directory`."""
     return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -126,6 +139,7 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
         try:
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
             unwrapped.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            record_fp32(staging)
             tokenizer.save_pretrained(staging)
             save_config(cfg, staging / EXPORT_CONFIG_NAME)
             title = f"{target.parent.name}/{target.name}"
@@ -302,6 +316,10 @@ def agree_on_resume(accelerator, chosen: Path | None) -> Path | None:
     return agreed
 
 
+# Fingerprint entries that checkpoints of earlier versions lack; not compared with those.
+RECORDED_SINCE_LATER = {"checkpoint_layout"}
+
+
 def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     """Read and check a checkpoint's JSON payload before any tensor is loaded."""
     try:
@@ -313,7 +331,7 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     saved = payload.get("fingerprint", {})
-    missing = sorted(set(fingerprint) - set(saved))
+    missing = sorted(set(fingerprint) - set(saved) - RECORDED_SINCE_LATER)
     if missing:
         raise CheckpointError(
             f"{path}: written by an older distsent whose checkpoints do not record {', '.join(missing[:5])}"
@@ -322,13 +340,22 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
         )
     # Compared as they were saved: JSON has lists, not tuples.
     current = json.loads(json.dumps(fingerprint))
-    differing = {key: (saved[key], value) for key, value in current.items() if saved[key] != value}
+    differing = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
     if differing:
         details = ", ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differing.items())
-        remedy = "use another output_dir or train.resume=none"
+        # How to continue it where only the launch differs; otherwise it is another run.
+        ways = []
         if "precision" in differing:  # `auto` decided otherwise on this machine
-            remedy = f"set train.mixed_precision={differing['precision'][0]} to continue it, or {remedy}"
-        raise CheckpointError(f"{path}: written by a different run ({details}); {remedy}")
+            ways.append(f"set train.mixed_precision={differing['precision'][0]}")
+        if "world_size" in differing:
+            ways.append(f"launch {differing['world_size'][0]} process(es)")
+        if "checkpoint_layout" in differing:
+            ways.append(f"launch it as it was launched ({differing['checkpoint_layout'][0]})")
+        relaunch = f"{' and '.join(ways)} to continue it, or " if ways else ""
+        raise CheckpointError(
+            f"{path}: written by a different run or launch ({details}); "
+            f"{relaunch}use another output_dir or train.resume=none"
+        )
     return payload
 
 

@@ -212,7 +212,30 @@ def build_accelerator(cfg: Config, info: LaunchInfo):
         )
     if accelerator.state.deepspeed_plugin is not None:
         reconcile_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, cfg, info.world_size, precision)
+        if cfg.train.compile and zero_stage(accelerator) == 3:
+            # Dynamo cannot trace through ZeRO-3's parameter gathering hooks: it recompiles
+            # until its limit, then runs the layers eagerly, ~10x slower than not compiling.
+            raise ConfigError(
+                "train.compile=true does not work under DeepSpeed ZeRO-3 (torch.compile gives up on its "
+                "partitioned parameters and runs slower than eager); set train.compile=false, or use ZeRO-2 or DDP"
+            )
     return accelerator
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage of this run; None without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def checkpoint_layout(accelerator) -> str:
+    """How this run's checkpoints are laid out on disk: accelerate's own files (one process or
+    DDP, which share them) or DeepSpeed's, partitioned by ZeRO stage. A checkpoint only loads
+    under the layout that wrote it."""
+    stage = zero_stage(accelerator)
+    return "accelerate (one process or DDP)" if stage is None else f"DeepSpeed ZeRO-{stage}"
 
 
 def wait_for_device(device: torch.device) -> None:
@@ -300,6 +323,18 @@ def reconcile_deepspeed_config(ds_config: dict, cfg: Config, world_size: int, pr
     for section, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         ds_config.setdefault(section, {})
         _reconcile(ds_config[section], "enabled", enabled, where=f"{section}.enabled")
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # Exports (best/, final/) gather ZeRO-3's partitioned weights into one file, which
+        # DeepSpeed does only with this set; without it the first export fails mid-run.
+        key = "stage3_gather_16bit_weights_on_model_save"
+        if zero.setdefault(key, True) == "auto":
+            zero[key] = True
+        if zero[key] is not True:
+            raise ConfigError(
+                f"DeepSpeed config sets zero_optimization.{key}={zero[key]!r}; under ZeRO-3 distsent's exports "
+                "gather the partitioned weights, which needs it true: set it true (or leave it out)"
+            )
 
 
 def _reconcile(section: dict, key: str, value, where: str | None = None) -> None:

@@ -38,6 +38,7 @@ from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
 from distsent.data import load_labeled_splits, tokenize, tokenized_fingerprint
 from distsent.distributed import (
     build_accelerator,
+    checkpoint_layout,
     default_resume_mode,
     model_construction_context,
     node_leaders_first,
@@ -122,11 +123,13 @@ RESUMABLE_SETTINGS = (
 RESUMABLE_SECTIONS = ("checkpoint.", "log.")
 
 
-def run_fingerprint(cfg: Config, world_size: int, precision: str, train_digest: str, validation_digest: str) -> dict:
+def run_fingerprint(
+    cfg: Config, world_size: int, precision: str, layout: str, train_digest: str, validation_digest: str
+) -> dict:
     """What must match for a checkpoint to continue this run: every setting but those a
-    resumed run may change, the process count, the precision in use, and digests of the
-    tokenised training and validation sets (the best metric and early stopping compare
-    validations across the resume)."""
+    resumed run may change, the process count, the precision in use, the checkpoint layout
+    (`distributed.checkpoint_layout`), and digests of the tokenised training and validation
+    sets (the best metric and early stopping compare validations across the resume)."""
     settings = flatten_settings(cfg.to_dict())
     fingerprint = {
         key: value
@@ -137,6 +140,7 @@ def run_fingerprint(cfg: Config, world_size: int, precision: str, train_digest: 
         **fingerprint,
         "world_size": world_size,
         "precision": precision,
+        "checkpoint_layout": layout,
         "train_set": train_digest,
         "validation_set": validation_digest,
     }
@@ -294,7 +298,9 @@ def train(cfg: Config) -> dict:
         micro_batches_per_step = cfg.train.micro_batches_per_step(world_size)
 
         state = TrainState()
-        fingerprint = run_fingerprint(cfg, world_size, accelerator.mixed_precision, train_digest, eval_digest)
+        fingerprint = run_fingerprint(
+            cfg, world_size, accelerator.mixed_precision, checkpoint_layout(accelerator), train_digest, eval_digest
+        )
         if accelerator.is_main_process and run_lock is None:
             # A new folder is made, and held, only once the data and settings are accepted.
             run_lock = lock_output_dir(output_dir)

@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from distsent.config import load_config
+from distsent.config import ConfigError, load_config
 from distsent.data import load_labeled_splits
+from distsent.distributed import reconcile_deepspeed_config
 from tests.conftest import (
     REPO,
     TINY,
@@ -123,14 +124,18 @@ def test_zero_export_loads_and_predicts_like_the_trained_model(runs, name):
     assert loss == pytest.approx(in_memory["loss"], abs=1e-5)
 
 
-def test_bf16_ddp_exports_fp32(tmp_path):
+@pytest.mark.parametrize("launch_file", ["ddp.yaml", "zero2.yaml"])
+def test_bf16_runs_export_fp32(tmp_path, launch_file):
+    # DeepSpeed's bf16 casts the model itself, and transformers recorded that dtype in
+    # config.json: from_pretrained then loaded the fp32 weights as bf16.
     out = tmp_path / "bf16"
-    launch("ddp.yaml", 2, "train", *TINY, "train.max_steps=6", "train.mixed_precision=bf16", f"output_dir={out}")
+    launch(launch_file, 2, "train", *TINY, "train.max_steps=6", "train.mixed_precision=bf16", f"output_dir={out}")
     assert read_summary(out)["mixed_precision"] == "bf16"
     with safe_open(out / "final" / "model.safetensors", "pt") as handle:
         dtypes = {handle.get_tensor(k).dtype for k in handle.keys()}
     assert torch.float32 in dtypes and torch.bfloat16 not in dtypes
-    AutoModelForSequenceClassification.from_pretrained(out / "final")
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "float32"
+    assert AutoModelForSequenceClassification.from_pretrained(out / "final").dtype == torch.float32
 
 
 @pytest.mark.parametrize("head", ["mean", "cnn"])
@@ -360,3 +365,40 @@ def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path: Path):
     assert f"rank 1 agreed {shared}" in result.stdout and f"rank 0 agreed {shared}" in result.stdout, output
     assert "rank 1 refused: rank 1 cannot see checkpoint" in result.stdout, output
     assert "output_dir must be on a filesystem every node shares" in result.stdout, output
+
+
+def test_zero3_needs_gathered_exports_and_no_compile():
+    """A ZeRO-3 JSON without stage3_gather_16bit_weights_on_model_save trained until its first
+    export and then crashed; one that turns it off is refused before training."""
+    cfg = load_config(None, TINY)
+    ds_config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    del ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    reconcile_deepspeed_config(ds_config, cfg, world_size=2, precision="no")
+    assert ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    with pytest.raises(ConfigError, match=r"stage3_gather_16bit_weights_on_model_save=False; under ZeRO-3"):
+        reconcile_deepspeed_config(ds_config, cfg, world_size=2, precision="no")
+
+
+def test_compile_under_zero3_is_refused(tmp_path):
+    args = ["train", *TINY, "train.max_steps=2", "train.compile=true", f"output_dir={tmp_path / 'out'}"]
+    result = launch("zero3.yaml", 1, *args, check=False)
+    # The worker exits 2; the launcher reports that with its own 1.
+    assert result.returncode != 0 and "exitcode  : 2" in result.stderr, result.stderr[-3000:]
+    assert "train.compile=true does not work under DeepSpeed ZeRO-3" in result.stderr
+
+
+def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
+    """A one-process (accelerate) checkpoint resumed under ZeRO-2 failed inside DeepSpeed's
+    loader, with advice to try an earlier checkpoint that failed the same way."""
+    run = tmp_path / "run"
+    args = ["train", *TINY, "train.max_steps=4", "checkpoint.every_steps=2", f"output_dir={run}"]
+    run_cli(*args)
+    result = launch("zero2.yaml", 1, *args, "train.resume=auto", check=False)
+    assert result.returncode != 0
+    assert (
+        "checkpoint_layout: checkpoint 'accelerate (one process or DDP)', this run 'DeepSpeed ZeRO-2'" in result.stderr
+    ), result.stderr[-3000:]
+    assert "launch it as it was launched (accelerate (one process or DDP)) to continue it" in result.stderr
+    two = launch("ddp.yaml", 2, *args, "train.resume=auto", check=False)
+    assert "world_size: checkpoint 1, this run 2" in two.stderr and "launch 1 process(es) to continue it" in two.stderr
