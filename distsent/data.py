@@ -7,6 +7,7 @@ Tokenisation happens once, batched, through `datasets.map`; batching lives in ba
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -168,7 +169,10 @@ def _read_hub(cfg: DataConfig, split: str) -> Rows:
 CSV_FIELD_LIMIT = 1 << 30
 
 
-def _decode(raw: bytes) -> str:
+def _decode(raw: bytes, path: Path) -> str:
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # Excel's "Unicode text" export: read as UTF-8, its header would be a garbled name.
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
     # surrogateescape keeps undecodable bytes visible per row instead of failing the file.
     return raw.decode("utf-8-sig", errors="surrogateescape")
 
@@ -180,7 +184,7 @@ def _has_undecodable(text: str) -> bool:
 def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     # The csv module's default field limit (128 KiB) is shorter than some reviews.
     csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
-    text = _decode(path.read_bytes())
+    text = _decode(path.read_bytes(), path)
     # Strict: a field that opens a quote must close it right before a delimiter. The lenient
     # reader instead joins what follows a closing quote (`"Great" movie` becomes `Great movie`)
     # and lets a quote left open run to the end of the file, swallowing every line on the way.
@@ -249,7 +253,7 @@ def _next_row(reader, path: Path, line: int, bad: BadRows) -> list[str] | None:
 
 
 def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
-    text = _decode(path.read_bytes())
+    text = _decode(path.read_bytes(), path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
@@ -395,8 +399,9 @@ def label_key(label, label_names: list[str] | None) -> str:
     """The label's name. Integer labels (or digit strings from CSV) index `label_names`
     (`labels: [negative, positive]` with 0/1 data) unless they are names themselves, or the
     names are numbers (0 is not "the first of 1, 2, 3"). Surrounding spaces are not part of
-    it (`"text", positive` in a CSV)."""
-    key = str(label).strip()
+    it (`"text", positive` in a CSV). A whole float is its integer: 1.0 is 1, as pandas writes
+    an integer column that has a gap."""
+    key = str(int(label)) if isinstance(label, float) and label.is_integer() else str(label).strip()
     if (
         label_names
         and key not in label_names

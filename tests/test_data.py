@@ -520,3 +520,15 @@ def test_a_header_read_as_data_is_refused(tmp_path):
     headerless = ["data.has_header=false", "data.column_names=[id, text, category]", "data.label_column=category"]
     with pytest.raises(DataError, match=r"named.csv:1: the first row is the column names .* set data.has_header=true"):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", *headerless))
+
+
+def test_whole_float_labels_are_integers_and_utf16_is_named(tmp_path):
+    # pandas writes an integer column with a gap as floats: 1 and 1.0 are one class.
+    rows = [{"text": f"text {i}", "label": (i % 2) * 1.0 if i % 3 else i % 2} for i in range(40)]
+    path = write(tmp_path / "floats.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}")).label_names == ["0", "1"]
+    listed = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", "data.labels=[neg, pos]"))
+    assert listed.label_names == ["neg", "pos"]
+    utf16 = write(tmp_path / "excel.tsv", GOOD.replace(",", "\t").encode("utf-16"))
+    with pytest.raises(DataError, match=r"excel.tsv: UTF-16 text .*; save it as UTF-8"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={utf16}"))
