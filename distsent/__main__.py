@@ -57,9 +57,14 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError(
             "predict: --id-column names a column of --file; give the texts in that file, not as arguments"
         )
-    if args.file and args.output:
-        _refuse_overwriting_input(Path(args.output), Path(args.file), "--output", "--file")
+    if args.file and _is_lines(Path(args.file)):
+        shown = "standard input" if args.file == STDIN else args.file
+        for flag, value in (("--id-column", args.id_column), ("--column-names", args.column_names)):
+            if value:
+                raise ConfigError(f"{flag} {value}: {shown} is one text per line, without columns")
     if args.file and args.file != STDIN:
+        if args.output:
+            _refuse_overwriting_input(Path(args.output), Path(args.file), "--output", "--file")
         _require_file(Path(args.file), "--file")
     predictor = Predictor(args.model)
     texts, ids = list(args.texts), None
@@ -118,25 +123,31 @@ def _column_names(text: str) -> list[str]:
     return names
 
 
+def _is_lines(path: Path) -> bool:
+    """Whether predict reads `path` as one text per line: a .txt file, or standard input."""
+    return path.suffix.lower() == ".txt" or str(path) == STDIN
+
+
 def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list | None]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet
     file, and with `id_column` each row's value in that column, to carry into its prediction."""
     from distsent.data import PREDICT_FLAGS, BadRows, DataError, physical_lines, read_file
 
-    if path.suffix.lower() == ".txt" or str(path) == STDIN:
-        if id_column:
-            raise ConfigError(f"--id-column {id_column}: {path} is one text per line, without columns")
-        if str(path) != STDIN and not path.is_file():
+    if _is_lines(path):
+        from_stdin = str(path) == STDIN
+        shown = "standard input" if from_stdin else str(path)
+        if not from_stdin and not path.is_file():
             raise DataError(f"{path}: file not found")
-        raw = sys.stdin.buffer.read() if str(path) == STDIN else path.read_bytes()
+        raw = sys.stdin.buffer.read() if from_stdin else path.read_bytes()
         try:
             lines = physical_lines(raw.decode("utf-8-sig"))
         except UnicodeDecodeError as error:
-            line = raw[: error.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 text") from error
+            before = raw[: error.start]  # lines end as physical_lines ends them
+            line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
+            raise DataError(f"{shown}:{line}: not UTF-8 text") from error
         texts = [line for line in lines if line.strip()]
         if not texts:
-            raise DataError(f"{path}: no texts (one per line)")
+            raise DataError(f"{shown}: no texts (one per line)")
         return texts, None
     # Unlabelled files are fine here: the reader's second column is the ids, or the text again.
     second_column = dataclasses.replace(cfg, label_column=id_column or cfg.text_column)

@@ -316,8 +316,9 @@ def agree_on_resume(accelerator, chosen: Path | None) -> Path | None:
     return agreed
 
 
-# Fingerprint entries that checkpoints of earlier versions lack; not compared with those.
-RECORDED_SINCE_LATER = {"checkpoint_layout"}
+# Fingerprint entries added after checkpoints were first written: a checkpoint without one
+# predates it and is not compared on it (it resumed before, so it still does).
+FINGERPRINT_KEYS_OLDER_CHECKPOINTS_LACK = {"checkpoint_layout"}
 
 
 def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
@@ -331,7 +332,7 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     saved = payload.get("fingerprint", {})
-    missing = sorted(set(fingerprint) - set(saved) - RECORDED_SINCE_LATER)
+    missing = sorted(set(fingerprint) - set(saved) - FINGERPRINT_KEYS_OLDER_CHECKPOINTS_LACK)
     if missing:
         raise CheckpointError(
             f"{path}: written by an older distsent whose checkpoints do not record {', '.join(missing[:5])}"
@@ -343,7 +344,7 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     differing = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
     if differing:
         details = ", ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differing.items())
-        # How to continue it where only the launch differs; otherwise it is another run.
+        # Where only the launch differs, say which launch continues it; otherwise it is another run.
         ways = []
         if "precision" in differing:  # `auto` decided otherwise on this machine
             ways.append(f"set train.mixed_precision={differing['precision'][0]}")
@@ -351,7 +352,8 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
             ways.append(f"launch {differing['world_size'][0]} process(es)")
         if "checkpoint_layout" in differing:
             ways.append(f"launch it as it was launched ({differing['checkpoint_layout'][0]})")
-        relaunch = f"{' and '.join(ways)} to continue it, or " if ways else ""
+        launch_only = set(differing) <= {"precision", "world_size", "checkpoint_layout"}
+        relaunch = f"{' and '.join(ways)} to continue it, or " if launch_only else ""
         raise CheckpointError(
             f"{path}: written by a different run or launch ({details}); "
             f"{relaunch}use another output_dir or train.resume=none"

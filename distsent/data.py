@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_SOURCES = ("rotten_tomatoes", "imdb")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = (".json", ".jsonl")
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+INTEGER = re.compile(r"-?[0-9]+")
 HTML_TAG = re.compile(r"<\s*br\s*/?\s*>|</?[a-zA-Z][^>]{0,200}>")
 URL = re.compile(r"(?:https?://|www\.)\S+")
 SPACES = re.compile(r"\s+")
@@ -119,9 +121,10 @@ def nothing_left(where: str, what: str, notes: list[str]) -> DataError:
 
 
 def physical_lines(text: str) -> list[str]:
-    """Lines as editors and `wc -l` count them: split at \\n (and \\r\\n) only. str.splitlines
-    also splits at U+2028, form feeds and more, which can sit inside a text or a JSON string."""
-    return [line.removesuffix("\r") for line in text.split("\n")]
+    """Lines ended by \\n, \\r\\n or \\r, as the csv reader counts them. Not str.splitlines,
+    which also splits at U+2028, form feeds and more: those can sit inside a text or a JSON
+    string (where a raw \\r cannot)."""
+    return LINE_BREAK.split(text)
 
 
 def embedded_csv_path() -> Path:
@@ -190,7 +193,11 @@ def _read_table(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     # and lets a quote left open run to the end of the file, swallowing every line on the way.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=TABLE_SUFFIXES[path.suffix.lower()], strict=True)
     if cfg.has_header:
-        header = _next_row(reader, path, 0, bad)
+        try:
+            header = next(reader, None)
+        except csv.Error as error:
+            # No bad row to skip: without its names the file cannot be read at all.
+            raise DataError(f"{path}:1: the header row is malformed ({error})") from error
         if not header:
             raise DataError(f"{path}: no header row")
     else:
@@ -421,7 +428,8 @@ def _label_names(labels: list, configured: list[str] | None) -> list[str]:
 
 
 def _is_integer(name: str) -> bool:
-    return name.lstrip("-").isdigit()
+    # Not str.isdigit, which takes "²" and other digits int() refuses.
+    return INTEGER.fullmatch(name) is not None
 
 
 def _natural_order(names) -> list[str]:
@@ -546,7 +554,7 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     splits.notes.extend(bad.notes())
     if not splits.texts.get("validation"):
         if "validation" in raw:
-            raise nothing_left(raw["validation"].where, "validation rows left after filtering", notes + bad.notes())
+            raise nothing_left(raw["validation"].where, "validation rows left after filtering", splits.notes)
         if cfg.validation_fraction == 0.0:
             raise DataError("no validation data: set data.validation_fraction > 0 or give a validation file/split")
         raise DataError(
@@ -554,7 +562,7 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
             "class has one training row and a class's only row stays in train; give a validation file/split"
         )
     if "test" in splits.texts and not splits.texts["test"]:
-        raise nothing_left(cfg.test_file or "the test split", "test rows left after filtering", notes + bad.notes())
+        raise nothing_left(cfg.test_file or "the test split", "test rows left after filtering", splits.notes)
     return splits
 
 

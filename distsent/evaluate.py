@@ -116,7 +116,8 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path, plots_dir: Path
     texts, labels, origins = [], [], []
     read_by_position = False
     for label, origin in zip(kept.labels, kept.origins, strict=True):
-        # As training read them: integers index the configured data.labels.
+        # Integers index the configured data.labels, as in training; without them, the model's
+        # labels in order (a guess training does not make: the report's note says so).
         key = label_key(label, predictor.data.labels or predictor.label_names)
         if key not in index:
             bad.report(origin, f"unknown label: {key!r} is not one the model knows ({predictor.label_names})")

@@ -53,9 +53,11 @@ def record_preemption(reason: str, made_progress: bool) -> None:
 
 def segment_made_progress(at_start: tuple[int, bool], now: tuple[int, bool]) -> bool:
     """Whether a segment moved on from where it started, given (optimizer step, validation
-    pending) at its start and at its stop. A validation cut off by a preemption is redone from
-    its beginning on resume, so finishing one is progress and starting one is not."""
-    return now != at_start
+    pending) at its start and at its stop: an optimizer step, or a pending validation finished.
+    A validation cut off by a preemption is redone from its beginning on resume, so starting
+    one is no progress."""
+    (start_step, start_pending), (step, pending) = at_start, now
+    return step > start_step or (start_pending and not pending)
 
 
 class PreemptionWatcher:

@@ -15,6 +15,7 @@ from distsent.data import (
     encode_texts,
     label_key,
     load_labeled_splits,
+    physical_lines,
     stratified_split,
     tokenize,
     tokenized_fingerprint,
@@ -92,8 +93,9 @@ def test_no_validation_data_says_why(tmp_path):
     train = write(tmp_path / "train.csv", GOOD)
     validation = write(tmp_path / "val.csv", "text,label\nodd one,neutral\n")
     files = ["data.dataset=files", f"data.train_file={train}", f"data.validation_file={validation}"]
-    with pytest.raises(DataError, match=r"val.csv: no validation rows left after filtering"):
+    with pytest.raises(DataError, match=r"val.csv: no validation rows left after filtering") as error:
         load_labeled_splits(data_cfg(*files, "data.bad_rows=skip"))
+    assert str(error.value).count("skipped 1 row(s): unknown label") == 1, "once, with what skipped it"
 
 
 def test_a_headerless_file_read_with_a_header_gets_a_hint(tmp_path):
@@ -479,6 +481,18 @@ def test_integer_labels_are_positions_only_in_listed_names(tmp_path):
     splits = load_labeled_splits(data_cfg(*listed, "data.labels=[a, b, c]"))
     assert splits.labels["validation"] == [0, 1, 2]
     assert label_key("0", ["1", "2", "3"]) == "0" and label_key(0, ["negative", "positive"]) == "negative"
+    assert label_key("²", ["negative", "positive"]) == "²"  # a digit to str.isdigit, not to int()
+
+
+def test_physical_lines_end_where_the_csv_reader_ends_them():
+    assert physical_lines("a\rb\r\nc\nd\u2028e\x0cf") == ["a", "b", "c", "d\u2028e\x0cf"]
+
+
+def test_a_malformed_header_is_named_as_the_header(tmp_path):
+    path = write(tmp_path / "head.csv", '"te"xt,label\n' + GOOD.split("\n", 1)[1])
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError, match=r"head.csv:1: the header row is malformed"):
+            load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", f"data.bad_rows={mode}"))
 
 
 def test_json_lines_are_lines_at_newlines_only(tmp_path):

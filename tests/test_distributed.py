@@ -367,7 +367,7 @@ def test_every_rank_resumes_from_rank_0s_checkpoint(tmp_path: Path):
     assert "output_dir must be on a filesystem every node shares" in result.stdout, output
 
 
-def test_zero3_needs_gathered_exports_and_no_compile():
+def test_zero3_exports_gather_the_weights():
     """A ZeRO-3 JSON without stage3_gather_16bit_weights_on_model_save trained until its first
     export and then crashed; one that turns it off is refused before training."""
     cfg = load_config(None, TINY)
@@ -402,3 +402,6 @@ def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
     assert "launch it as it was launched (accelerate (one process or DDP)) to continue it" in result.stderr
     two = launch("ddp.yaml", 2, *args, "train.resume=auto", check=False)
     assert "world_size: checkpoint 1, this run 2" in two.stderr and "launch 1 process(es) to continue it" in two.stderr
+    # Another setting too: another run, which no launch continues.
+    other = launch("ddp.yaml", 2, *args, "train.resume=auto", "train.lr=1e-3", check=False)
+    assert "train.lr: checkpoint" in other.stderr and "to continue it" not in other.stderr

@@ -224,6 +224,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     )
     assert foreign.returncode != 0
     assert "written by a different run" in foreign.stderr and "train.batch_size" in foreign.stderr
+    assert "to continue it" not in foreign.stderr  # another run: no launch continues it
 
     export = run_cli(
         "train", *TINY, "train.max_steps=6", f"output_dir={run}", f"train.resume={run / 'final'}", check=False
@@ -250,6 +251,21 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     # The message names the checkpoint before the damaged one as the way on.
     earlier = complete_checkpoints(run)[-2]
     assert f"train.resume={earlier} resumes from the checkpoint before it" in truncated.stderr
+
+
+def test_a_checkpoint_from_before_the_layout_was_recorded_still_resumes(tmp_path):
+    run = tmp_path / "older"
+    args = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", f"output_dir={run}"]
+    run_cli(*args)
+    shutil.copytree(run / "final", tmp_path / "straight_final")
+    first = complete_checkpoints(run)[0]
+    state_file = first / "training_state.json"
+    payload = json.loads(state_file.read_text())
+    del payload["fingerprint"]["checkpoint_layout"]
+    state_file.write_text(json.dumps(payload))
+    resumed = run_cli(*args, f"train.resume={first}")
+    assert "(step 2)" in resumed.stdout + resumed.stderr
+    assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0
 
 
 def test_pickled_objects_are_refused(tmp_path):

@@ -199,3 +199,9 @@ def test_the_restart_cap_ends_a_preempted_job(cluster, tmp_path):
     assert (state, exit_code, restarts) == ("FAILED", "75:0", 0), text[-4000:]
     assert "after 0 restart(s), the cap DISTSENT_MAX_RESTARTS=0; not requeueing" in text
     assert len(complete_checkpoints(run)) >= 1 and not (run / "final").exists()
+    # A cap that is no number is refused before training, not found wanting after it.
+    bad, bad_log = tmp_path / "bad_cap", tmp_path / "bad_cap.log"
+    job = submit(cluster, "single_node.sbatch", bad, bad_log, env={"DISTSENT_MAX_RESTARTS": "three"})
+    state, exit_code, _ = cluster.wait(job)
+    assert (state, exit_code) == ("FAILED", "2:0"), bad_log.read_text()[-3000:]
+    assert "DISTSENT_MAX_RESTARTS=three is not a whole number" in bad_log.read_text()

@@ -145,6 +145,12 @@ def test_predict_reads_texts_from_standard_input_line_by_line(tiny_run: Path, tm
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [json.loads(line)["text"] for line in result.stdout.strip().split("\n")] == texts
+    # Lines have no columns: refused before the model is loaded.
+    columns = subprocess.run(
+        [*command, "--id-column", "id"], input="a\n", capture_output=True, text=True, env=cli_env(), cwd=REPO
+    )
+    assert columns.returncode == 2 and "--id-column id: standard input is one text per line" in columns.stderr
+    assert "Loading weights" not in columns.stderr
     # A missing file is reported as such, with the flag, before the model is loaded.
     missing = run_cli(
         "predict", "--model", str(tiny_run / "final"), "--file", str(tmp_path / "absent.csv"), check=False

@@ -8,7 +8,8 @@
 #   DISTSENT_REQUEUE      1 (default) requeues a preempted job; 0 leaves it ended. A segment
 #                         that made no progress (no optimizer step, no pending validation
 #                         finished) is never requeued: the next would stop at the same point
-#   DISTSENT_MAX_RESTARTS requeue at most this many times (default: no cap)
+#   DISTSENT_MAX_RESTARTS requeue at most this many times (default: no cap); Slurm's restart
+#                         count includes its own requeues (an administrator's, a node failure)
 #   DISTSENT_PROCESSES_PER_NODE   ranks per node (default: the GPUs Slurm gave the node, else
 #                         DISTSENT_CPU_PROCESSES_PER_NODE, default 1)
 #
@@ -20,6 +21,11 @@ DISTSENT_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 distsent_run_on_nodes() {
     local nodes="$1"; shift
+    # Checked now: a cap that is no number would fail its test after training, and requeue.
+    if [ -n "${DISTSENT_MAX_RESTARTS:-}" ] && ! [[ "$DISTSENT_MAX_RESTARTS" =~ ^[0-9]+$ ]]; then
+        echo "distsent: error: DISTSENT_MAX_RESTARTS=$DISTSENT_MAX_RESTARTS is not a whole number" >&2
+        exit 2
+    fi
     local python="${DISTSENT_PYTHON:-python3}"
     local launch_file="${DISTSENT_LAUNCH_FILE:-$DISTSENT_REPO/launch/accelerate/ddp.yaml}"
     # Processes per node: as set, else the GPUs Slurm gave this node, else (CPU node) one.
