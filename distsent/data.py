@@ -28,7 +28,6 @@ from distsent.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_SOURCES = ("rotten_tomatoes", "imdb")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = (".json", ".jsonl")
 LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -139,8 +138,6 @@ def embedded_csv_path() -> Path:
 
 
 def _read_embedded(name: str) -> Rows:
-    if name not in EMBEDDED_SOURCES:
-        raise DataError(f"data.dataset: unknown embedded set {name!r}; choose one of {', '.join(EMBEDDED_SOURCES)}")
     texts, labels = [], []
     with embedded_csv_path().open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):

@@ -70,13 +70,18 @@ LAUNCHER_VARIABLES = (
 
 
 def launcher_environment() -> dict[str, str]:
-    """The launcher and scheduler variables that are set, for `distsent doctor`."""
-    return {name: os.environ[name] for name in LAUNCHER_VARIABLES if name in os.environ}
+    """The launcher and scheduler variables that are set, for `distsent doctor` (not those
+    distsent set itself)."""
+    return {name: os.environ[name] for name in LAUNCHER_VARIABLES if name in os.environ and name not in SET_HERE}
 
 
 def default_resume_mode() -> str:
     """`auto` inside a Slurm job (a requeued job must pick up where it stopped), else `none`."""
     return "auto" if os.environ.get("SLURM_JOB_ID") else "none"
+
+
+# Variables prepare_environment set in this process: distsent's, not the launcher's.
+SET_HERE: set[str] = set()
 
 
 def prepare_environment() -> LaunchInfo:
@@ -86,7 +91,9 @@ def prepare_environment() -> LaunchInfo:
         # DeepSpeed picks its accelerator once, at import; without this it looks for CUDA,
         # and warns "unable to detect" GPUs even in runs without DeepSpeed, which import it
         # only for accelerate's unwrapping of the model at export.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if "DS_ACCELERATOR" not in os.environ:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+            SET_HERE.add("DS_ACCELERATOR")
     # Tokenizers' own thread pool fights torch's for the same cores and warns after fork.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return info

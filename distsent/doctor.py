@@ -76,7 +76,9 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
 
     wandb_mode = os.environ.get("WANDB_MODE", "online")
     key = "set" if os.environ.get("WANDB_API_KEY") else "not set (uses ~/.netrc if logged in)"
-    facts.append(("W&B", f"log.wandb={cfg.log.wandb}, WANDB_MODE={wandb_mode}, API key {key}"))
+    facts.append(("W&B", f"log.wandb={str(cfg.log.wandb).lower()}, WANDB_MODE={wandb_mode}, API key {key}"))
+    facts.append(("model", _model_source(cfg.model.name, problems)))
+    facts.append(("data", _data_source(cfg, problems)))
 
     output = Path(cfg.output_dir).resolve()
     existing = next(p for p in [output, *output.parents] if p.exists())
@@ -87,6 +89,42 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
     if free_gb < 1:
         problems.append(f"output_dir {output}: only {free_gb:.2f} GiB free; checkpoints and exports need more")
     return facts, problems
+
+
+def _model_source(name: str, problems: list[str]) -> str:
+    """Where model.name comes from, and a problem where it cannot come from there now."""
+    from distsent.modeling import PACKAGED_MINILM_NAMES, TINY_BERT
+
+    if name in PACKAGED_MINILM_NAMES or name == TINY_BERT:
+        return f"{name} (packaged, no Hub needed)"
+    if Path(name).is_dir():
+        return f"{name} (local folder)"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and not cached:
+        problems.append(f"model.name={name}: a Hub id not in the local cache, and HF_HUB_OFFLINE is set")
+    return f"{name} (Hub id{', cached' if cached else ', not cached: downloaded at start'})"
+
+
+def _data_source(cfg: Config, problems: list[str]) -> str:
+    """The data source; a problem for each local file that is not there (paths are relative to
+    the working directory, as train reads them)."""
+    if cfg.data.dataset != "files":
+        return cfg.data.dataset
+    files = {
+        key: value
+        for key, value in (
+            ("data.train_file", cfg.data.train_file),
+            ("data.validation_file", cfg.data.validation_file),
+            ("data.test_file", cfg.data.test_file),
+        )
+        if value
+    }
+    for key, value in files.items():
+        if not Path(value).is_file():
+            problems.append(f"{key}={value}: file not found (from {Path.cwd()})")
+    return ", ".join(f"{key}={value}" for key, value in files.items())
 
 
 def _deepspeed_ops(problems: list[str], required: bool) -> str:

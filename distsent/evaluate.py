@@ -97,7 +97,9 @@ def evaluate(
     return metrics, predictions
 
 
-def evaluate_file(predictor, data_cfg, misclassified_path: Path, plots_dir: Path | None = None) -> dict:
+def evaluate_file(
+    predictor, data_cfg, misclassified_path: Path, plots_dir: Path | None = None, batch_size: int = 64
+) -> dict:
     """Metrics of an export (a `Predictor`) on a labelled file (every row, in order), and its
     misclassified rows. The file is read as the training data was: the same readers, bad-row
     policy and filters (multi-label rows, data.drop_labels), each counted in the notes."""
@@ -128,7 +130,7 @@ def evaluate_file(predictor, data_cfg, misclassified_path: Path, plots_dir: Path
         origins.append(origin)
     if not labels:
         raise DataError(f"{data_cfg.train_file}: no row has a label the model knows ({predictor.label_names})")
-    probs = predictor.predict_proba(texts).numpy()
+    probs = predictor.predict_proba(texts, batch_size).numpy()
     labels_array = np.asarray(labels)
     losses = -np.log(np.clip(probs[np.arange(len(labels)), labels_array], 1e-12, None))
     metrics = classification_metrics(labels_array, probs, predictor.label_names, loss=float(losses.mean()))

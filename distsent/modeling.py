@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import re
@@ -59,7 +60,12 @@ def build_tokenizer(cfg: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(cfg.name), revision=cfg.revision)
     except OSError as error:  # no such local folder, and the Hub unreachable or without it
-        raise ConfigError(f"model.name={cfg.name}: cannot load it ({first_line(error)})") from error
+        local = [TINY_BERT, *PACKAGED_MINILM_NAMES]
+        close = difflib.get_close_matches(cfg.name, local, n=1, cutoff=0.8)
+        hint = (
+            f"; did you mean {close[0]}?" if close else f"; the names distsent has without the Hub: {', '.join(local)}"
+        )
+        raise ConfigError(f"model.name={cfg.name}: cannot load it ({first_line(error)}){hint}") from error
     require_vocabulary(tokenizer, f"model.name={cfg.name}")
     return tokenizer
 

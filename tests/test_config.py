@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import distsent
 from distsent.config import Config, ConfigError, TrainConfig, load_config, parse_override
 from distsent.metrics import selectable_metrics
 from tests.conftest import REPO, TINY, run_cli, write_labeled_csv
@@ -62,7 +63,7 @@ def test_bad_values_name_the_key(override: str, fragment: str):
 def test_yaml_errors_name_the_file(tmp_path: Path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  lr: fast\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: train.lr must be a number"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2: train.lr must be a number"):
         load_config(path)
     # Broken YAML: one line with the file, line and column (PyYAML's own message spans seven).
     path.write_text("train:\n  lr: 1e-5\n   batch_size: [\n")
@@ -192,3 +193,65 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path: Path, command: list[str
     result = run_cli(*(item.replace("{tmp}", str(tmp_path)) for item in command), check=False, env=offline)
     assert result.returncode == 2, result.stderr[-2000:]
     assert fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_text_settings_keep_the_text_as_written(tmp_path: Path):
+    """YAML reads `1.10` as the number 1.1, `007` as 7 and `true` as a boolean: a Hub
+    revision, a run name or a label written so must stay what was written."""
+    cfg = load_config(
+        None,
+        ["model.revision=1.10", "log.run_name=007", "model.name=1e3", "data.labels=[true, false]", "train.seed=0777"],
+    )
+    assert (cfg.model.revision, cfg.log.run_name, cfg.model.name) == ("1.10", "007", "1e3")
+    assert cfg.data.labels == ["true", "false"] and cfg.train.seed == 777  # YAML 1.2: decimal, not octal
+    path = tmp_path / "text.yaml"
+    path.write_text("train:\n  # lr: 1e-5\nmodel:\n  revision: 1.10\n  freeze: [true, 0777]\n")
+    cfg = load_config(path)  # a section whose keys are all commented out is no error
+    assert cfg.model.revision == "1.10" and cfg.model.freeze == ["true", "0777"]
+    for override in ("train.batch_size=0x10", "train.seed=1:00"):  # YAML 1.1's hex and base 60
+        with pytest.raises(ConfigError, match=r"must be an integer, got '"):
+            load_config(None, [override])
+
+
+def test_config_mistakes_get_a_message_that_says_how_to_fix_them(tmp_path: Path):
+    cases = {
+        "data.labels=[neg,pos": r"data.labels=\[neg,pos: not a valid list .* write it as data.labels=\[a, b\]",
+        "train.max_steps=None": r"train.max_steps must be an integer, got 'None' \(null means none\)",
+        "train.resume=AUTO": r"train.resume=AUTO: the modes are auto and none, in lower case",
+        "data.dataset=embedded:foo": r"unknown embedded set 'foo'; choose one of embedded:rotten_tomatoes",
+        "trian.lr=1e-5": r"unknown config key 'trian' \(did you mean train.lr\?",
+        "checkpoints.every_steps=10": r"unknown config key 'checkpoints' \(did you mean checkpoint.every_steps\?",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    # One value is a one-item list; comma-separated numbers are numbers.
+    cfg = load_config(None, ["data.drop_labels=1", "train.class_weights=1,2"])
+    assert cfg.data.drop_labels == ["1"] and cfg.train.class_weights == [1.0, 2.0]
+    # A file's mistakes name their line, range errors included.
+    path = tmp_path / "lines.yaml"
+    path.write_text("model:\n  name: tiny-bert\ntrain:\n  lrr: 1\n")
+    with pytest.raises(ConfigError, match=r"lines.yaml:4: unknown config key 'train.lrr' \(did you mean train.lr\?"):
+        load_config(path)
+    path.write_text("model:\n  name: tiny-bert\ntrain:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"lines.yaml:4: train.lr must be in \(0.0, 1.0\], got -1.0"):
+        load_config(path)
+    # Overridden on the command line, the range error is the override's.
+    with pytest.raises(ConfigError, match=r"^train.lr must be in"):
+        load_config(path, ["train.lr=2"])
+
+
+def test_the_command_line_tells_config_files_from_overrides(tmp_path: Path):
+    # A sweep's folder name holds "=": its config.yaml is still the config file.
+    sweep = tmp_path / "lr=3e-5"
+    sweep.mkdir()
+    (sweep / "config.yaml").write_text("train:\n  lr: 2\n")
+    result = run_cli("train", str(sweep / "config.yaml"), check=False)
+    assert result.returncode == 2 and f"{sweep / 'config.yaml'}:2: train.lr must be in" in result.stderr
+    late = run_cli("train", "train.lr=1e-5", "second.yaml", check=False)
+    assert late.returncode == 2 and "second.yaml: a config file comes first, before the overrides" in late.stderr
+    # `model.freeze=[embeddings., encoder.layer.0.]` typed without quotes reaches us in two pieces.
+    split = run_cli("train", "model.freeze=[embeddings.,", "encoder.layer.0.]", check=False)
+    assert split.returncode == 2 and "split by the shell at a space: quote the override" in split.stderr
+    version = run_cli("--version")
+    assert version.stdout.strip() == f"distsent {distsent.__version__}"

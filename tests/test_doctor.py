@@ -11,6 +11,19 @@ def test_doctor_reports_what_it_sees():
     # This machine has tcmalloc (make install adds it as root) and no GPU driver.
     assert "DISTSENT_ALLOCATOR=auto: train runs on libtcmalloc" in result.stdout
     assert "ok: nothing here stops a run" in result.stdout
+    # DS_ACCELERATOR=cpu is distsent's own setting on a CPU machine, not a launcher's.
+    assert "launcher variables      none (single process)" in result.stdout
+    assert "log.wandb=false" in result.stdout and "all-MiniLM-L6-v2 (packaged, no Hub needed)" in result.stdout
+
+
+def test_doctor_finds_what_would_stop_the_run_at_its_start(tmp_path):
+    """A data file that is not there from this folder, or a Hub model offline and uncached:
+    train stops on either at once; doctor said "ok"."""
+    missing = run_cli("doctor", "data.dataset=files", f"data.train_file={tmp_path / 'absent.csv'}", check=False)
+    assert missing.returncode == 1 and f"data.train_file={tmp_path / 'absent.csv'}: file not found" in missing.stdout
+    offline = run_cli("doctor", "model.name=someone/not-cached-model", env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert offline.returncode == 1
+    assert "model.name=someone/not-cached-model: a Hub id not in the local cache, and HF_HUB_OFFLINE" in offline.stdout
 
 
 def test_doctor_never_prints_the_api_key():

@@ -124,6 +124,7 @@ def test_predict_prints_one_json_per_text(tiny_run: Path):
     result = run_cli("predict", "--model", str(tiny_run / "final"), "what a great film", "dull and long")
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [r["text"] for r in rows] == ["what a great film", "dull and long"]
+    assert "Loading weights" not in result.stderr, "progress bars in output that is no terminal"
     for row in rows:
         assert row["label"] in {"negative", "positive"}
         assert 0.5 <= row["score"] <= 1.0
@@ -145,18 +146,19 @@ def test_predict_reads_texts_from_standard_input_line_by_line(tiny_run: Path, tm
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [json.loads(line)["text"] for line in result.stdout.strip().split("\n")] == texts
-    # Lines have no columns: refused before the model is loaded.
+    # Refused before the model is loaded: the named model does not exist, and is not what is reported.
+    absent_model = ["predict", "--model", str(tmp_path / "no_model"), "--file"]
     columns = subprocess.run(
-        [*command, "--id-column", "id"], input="a\n", capture_output=True, text=True, env=cli_env(), cwd=REPO
+        [sys.executable, "-m", "distsent", *absent_model, "-", "--id-column", "id"],
+        input="a\n",
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=REPO,
     )
     assert columns.returncode == 2 and "--id-column id: standard input is one text per line" in columns.stderr
-    assert "Loading weights" not in columns.stderr
-    # A missing file is reported as such, with the flag, before the model is loaded.
-    missing = run_cli(
-        "predict", "--model", str(tiny_run / "final"), "--file", str(tmp_path / "absent.csv"), check=False
-    )
+    missing = run_cli(*absent_model, str(tmp_path / "absent.csv"), check=False)
     assert missing.returncode == 2 and f"--file {tmp_path / 'absent.csv'}: file not found" in missing.stderr
-    assert "Loading weights" not in missing.stderr
 
 
 def test_predictions_clean_texts_as_training_did(tiny_run: Path, tmp_path: Path):
