@@ -191,6 +191,9 @@ def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the summary also written to <output_dir>/summary.json.
 
     Raises Preempted (exit code 75) after checkpointing when a preemption signal arrives."""
+    if cfg.train.resume not in (None, "auto", "none"):
+        # A checkpoint folder that is not one is said now, not after the data is read.
+        resolve_resume(cfg.train.resume, Path(cfg.output_dir))
     info = read_launch_info()
     if info.use_deepspeed and info.local_rank == 0:
         # Said before DeepSpeed starts, since what follows may be a silent wait on the lock.

@@ -253,5 +253,9 @@ def test_the_command_line_tells_config_files_from_overrides(tmp_path: Path):
     # `model.freeze=[embeddings., encoder.layer.0.]` typed without quotes reaches us in two pieces.
     split = run_cli("train", "model.freeze=[embeddings.,", "encoder.layer.0.]", check=False)
     assert split.returncode == 2 and "split by the shell at a space: quote the override" in split.stderr
+    # A resume folder that is not there is refused before anything is read, or written.
+    new = tmp_path / "new_run"
+    absent = run_cli("train", *TINY, f"output_dir={new}", f"train.resume={tmp_path / 'nope'}", check=False)
+    assert absent.returncode == 2 and "no such checkpoint folder" in absent.stderr and not new.exists()
     version = run_cli("--version")
     assert version.stdout.strip() == f"distsent {distsent.__version__}"
