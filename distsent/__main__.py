@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from distsent.worker_exit import exit_without_teardown, report_fatal_signals
 
 EXIT_USAGE = 2
 CONFIG_SUFFIXES = (".yaml", ".yml")
+OVERRIDE_START = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*=")
 STDIN = "-"  # predict --file -: texts from standard input, one per line
 COLUMN_NAMES_HELP = "names of a headerless CSV/TSV file's columns, comma-separated (implies --no-header)"
 FILE_HEADER_HELP = (
@@ -28,10 +30,10 @@ FILE_HEADER_HELP = (
 
 
 def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
-    """A config file is optional: the first positional is one if it names a YAML file
-    (`runs/lr=3e-5/config.yaml` too) or is no override. The rest must be overrides."""
+    """A config file is optional: the first positional is one unless it starts like an
+    override (`section.key=`; `runs/lr=3e-5/config.yaml` does not). The rest must be overrides."""
     config = None
-    if items and (items[0].endswith(CONFIG_SUFFIXES) or "=" not in items[0]):
+    if items and not OVERRIDE_START.match(items[0]):
         config, items = items[0], items[1:]
     for previous, item in zip([None, *items], items, strict=False):
         if "=" in item:

@@ -26,7 +26,12 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message names the key."""
+    """A configuration problem the user can fix; the message names the key, and `key` holds
+    it where one key is at fault (so a file's line can be added to the message)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def first_line(error: BaseException) -> str:
@@ -54,22 +59,37 @@ class _Yaml12Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# What YAML 1.1 (PyYAML) reads differently from 1.2: `no` as false, `0777` as octal,
+# `1:00` and `1:00.5` as base-60 numbers. Replaced here by 1.2's rules.
+YAML_11_TYPES = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int")
-    ]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in YAML_11_TYPES]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-# YAML 1.2 integers are decimal: YAML 1.1 read `0777` as octal 511 and `1:00` as 60.
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+# Decimal integers (with underscores, as before): `0777` is 777, `1:00` and `0x10` are text.
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789"))
+
+
+def _construct_decimal(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:  # an explicit `!!int 0x10`
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is no decimal integer", node.start_mark
+        ) from None
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_decimal)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     # A digit is required: `.`, `+` and `-.` are strings (a separator, a freeze pattern).
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"),
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
     list("-+0123456789."),
 )
 
@@ -91,10 +111,10 @@ class _Written:
         """The texts (and lines) of a YAML document: a file's sections, or one override's value at `key`."""
         node = yaml.compose(text, Loader=_Yaml12Loader)
         written = cls(origin)
-        if key:
+        if isinstance(node, yaml.MappingNode):  # a file, or a whole section as one override
+            written._add_mapping(node, f"{key}." if key else "")
+        elif key:
             written.texts[key] = _node_text(node)
-        elif node is not None:
-            written._add_mapping(node, "")
         return written
 
     @classmethod
@@ -129,8 +149,8 @@ class _Written:
         def typed(item) -> bool:
             return item is not None and not isinstance(item, str)
 
-        if kind is str and typed(value) and isinstance(text, str):
-            return text
+        if kind in (str, list[str]) and typed(value) and isinstance(text, str):
+            return text  # for a list setting, its one value: `data.drop_labels=false`
         if kind == list[str] and isinstance(value, list) and isinstance(text, list) and len(text) == len(value):
             return [
                 written if typed(item) and written is not None else item
@@ -361,7 +381,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.resume is not None and self.resume.lower() in ("auto", "none") and self.resume not in ("auto", "none"):
             # Else taken for a folder named `AUTO`, and refused only after the data is read.
-            raise ConfigError(f"train.resume={self.resume}: the modes are auto and none, in lower case")
+            raise ConfigError(
+                f"train.resume={self.resume}: the modes are auto and none, in lower case", key="train.resume"
+            )
         _check_range("train.epochs", self.epochs, 0.0, None, exclusive_low=True)
         _check_range("train.max_steps", self.max_steps, 1, None, allow_none=True)
         _check_range("train.batch_size", self.batch_size, 1, None)
@@ -474,7 +496,7 @@ def _check_range(
     if too_low or too_high:
         bracket = "(" if exclusive_low else "["
         upper = "inf)" if high is None else f"{high}]"
-        raise ConfigError(f"{key} must be in {bracket}{low}, {upper}, got {value}")
+        raise ConfigError(f"{key} must be in {bracket}{low}, {upper}, got {value}", key=key)
 
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", type(None): "null"}
@@ -519,9 +541,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return value
     if origin is list:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [v.strip() for v in value.split(",") if v.strip()]
             if args[0] is not str:  # `train.class_weights=1,2`: numbers, as in [1, 2]
-                value = [read_yaml(v) for v in value]
+                value = [_read_item(v) for v in value]
         elif value is not None and not isinstance(value, (list, dict)):
             value = [value]  # `data.drop_labels=1`, as `data.drop_labels=nocode` is
         if not isinstance(value, list):
@@ -549,6 +571,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation}")
 
 
+def _read_item(text: str) -> Any:
+    """One item of a comma-separated list, YAML-typed; text where it is no YAML."""
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _all_keys(section_type: type | None = None, prefix: str = "") -> list[str]:
     """Every settable dotted key (`train.lr`), in declaration order."""
     hints = typing.get_type_hints(section_type or Config)
@@ -568,9 +598,10 @@ def _unknown_key_message(key: str, names: set[str], value: Any = None) -> str:
     `checkpoints.every_steps`) the key under the closest section name."""
     last, keys = key.rsplit(".", 1)[-1], _all_keys()
     if isinstance(value, dict) and value:
-        prefix = key.rpartition(".")[0]
+        prefix, first = key.rpartition(".")[0], next(iter(value))
         section = difflib.get_close_matches(last, sorted(names), n=1, cutoff=0.6)
-        guesses = [f"{prefix + '.' if prefix else ''}{section[0]}.{next(iter(value))}"] if section else []
+        fixed = f"{prefix + '.' if prefix else ''}{section[0]}.{first}" if section else None
+        guesses = [fixed] if fixed in keys else difflib.get_close_matches(f"{key}.{first}", keys, n=1, cutoff=0.75)
     else:
         guesses = [k for k in keys if k.rsplit(".", 1)[-1] == last] or difflib.get_close_matches(
             key, keys, n=1, cutoff=0.75
@@ -667,10 +698,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg.validate()
     except ConfigError as error:
-        # A range error names its key first (`train.lr must be ...`): say where a file set it.
-        key = str(error).split(" ", 1)[0].rstrip(":")
-        if key in from_file.lines and key not in overridden:
-            raise ConfigError(f"{from_file.where(key)}{error}") from None
+        # Where one key is at fault and the file set it (no override did), say on which line.
+        key = error.key
+        from_override = key is not None and any(key == o or key.startswith(f"{o}.") for o in overridden)
+        if key in from_file.lines and not from_override:
+            raise ConfigError(f"{from_file.where(key)}{error}", key=key) from None
         raise
     return cfg
 

@@ -77,7 +77,7 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
     wandb_mode = os.environ.get("WANDB_MODE", "online")
     key = "set" if os.environ.get("WANDB_API_KEY") else "not set (uses ~/.netrc if logged in)"
     facts.append(("W&B", f"log.wandb={str(cfg.log.wandb).lower()}, WANDB_MODE={wandb_mode}, API key {key}"))
-    facts.append(("model", _model_source(cfg.model.name, problems)))
+    facts.append(("model", _model_source(cfg.model.name, cfg.model.revision, problems)))
     facts.append(("data", _data_source(cfg, problems)))
 
     output = Path(cfg.output_dir).resolve()
@@ -91,18 +91,22 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
     return facts, problems
 
 
-def _model_source(name: str, problems: list[str]) -> str:
+def _model_source(name: str, revision: str | None, problems: list[str]) -> str:
     """Where model.name comes from, and a problem where it cannot come from there now."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
     from distsent.modeling import PACKAGED_MINILM_NAMES, TINY_BERT
 
     if name in PACKAGED_MINILM_NAMES or name == TINY_BERT:
         return f"{name} (packaged, no Hub needed)"
     if Path(name).is_dir():
         return f"{name} (local folder)"
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and not cached:
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    except ValueError:  # not a Hub id either: a mistyped path, say
+        problems.append(f"model.name={name}: neither a local folder nor a Hub id")
+        return f"{name} (not found)"
+    if constants.HF_HUB_OFFLINE and not cached:
         problems.append(f"model.name={name}: a Hub id not in the local cache, and HF_HUB_OFFLINE is set")
     return f"{name} (Hub id{', cached' if cached else ', not cached: downloaded at start'})"
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import distsent
+from distsent.__main__ import _split_config
 from distsent.config import Config, ConfigError, TrainConfig, load_config, parse_override
 from distsent.metrics import selectable_metrics
 from tests.conftest import REPO, TINY, run_cli, write_labeled_csv
@@ -208,9 +209,13 @@ def test_text_settings_keep_the_text_as_written(tmp_path: Path):
     path.write_text("train:\n  # lr: 1e-5\nmodel:\n  revision: 1.10\n  freeze: [true, 0777]\n")
     cfg = load_config(path)  # a section whose keys are all commented out is no error
     assert cfg.model.revision == "1.10" and cfg.model.freeze == ["true", "0777"]
-    for override in ("train.batch_size=0x10", "train.seed=1:00"):  # YAML 1.1's hex and base 60
-        with pytest.raises(ConfigError, match=r"must be an integer, got '"):
+    for override in ("train.batch_size=0x10", "train.seed=1:00", "train.seed=1:00.5", "train.seed=!!int 0x10"):
+        with pytest.raises(ConfigError, match=r"must be an integer, got '"):  # YAML 1.1's hex and base 60
             load_config(None, [override])
+    # One value of a list setting, a whole section as one override, a comma list with spaces.
+    cfg = load_config(None, ["data.drop_labels=false", "model={revision: 1.10}", "data.labels=neg, pos"])
+    assert (cfg.data.drop_labels, cfg.model.revision, cfg.data.labels) == (["false"], "1.10", ["neg", "pos"])
+    assert load_config(None, ["train.max_steps=1_000"]).train.max_steps == 1000
 
 
 def test_config_mistakes_get_a_message_that_says_how_to_fix_them(tmp_path: Path):
@@ -236,9 +241,10 @@ def test_config_mistakes_get_a_message_that_says_how_to_fix_them(tmp_path: Path)
     path.write_text("model:\n  name: tiny-bert\ntrain:\n  lr: -1\n")
     with pytest.raises(ConfigError, match=r"lines.yaml:4: train.lr must be in \(0.0, 1.0\], got -1.0"):
         load_config(path)
-    # Overridden on the command line, the range error is the override's.
-    with pytest.raises(ConfigError, match=r"^train.lr must be in"):
-        load_config(path, ["train.lr=2"])
+    # Overridden on the command line, the range error is the override's, a whole section too.
+    for override in ("train.lr=2", "train={lr: 2}"):
+        with pytest.raises(ConfigError, match=r"^train.lr must be in"):
+            load_config(path, [override])
 
 
 def test_the_command_line_tells_config_files_from_overrides(tmp_path: Path):
@@ -248,6 +254,7 @@ def test_the_command_line_tells_config_files_from_overrides(tmp_path: Path):
     (sweep / "config.yaml").write_text("train:\n  lr: 2\n")
     result = run_cli("train", str(sweep / "config.yaml"), check=False)
     assert result.returncode == 2 and f"{sweep / 'config.yaml'}:2: train.lr must be in" in result.stderr
+    assert _split_config(["output_dir=x.yaml", "train.lr=1"]) == (None, ["output_dir=x.yaml", "train.lr=1"])
     late = run_cli("train", "train.lr=1e-5", "second.yaml", check=False)
     assert late.returncode == 2 and "second.yaml: a config file comes first, before the overrides" in late.stderr
     # `model.freeze=[embeddings., encoder.layer.0.]` typed without quotes reaches us in two pieces.

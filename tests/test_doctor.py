@@ -21,6 +21,8 @@ def test_doctor_finds_what_would_stop_the_run_at_its_start(tmp_path):
     train stops on either at once; doctor said "ok"."""
     missing = run_cli("doctor", "data.dataset=files", f"data.train_file={tmp_path / 'absent.csv'}", check=False)
     assert missing.returncode == 1 and f"data.train_file={tmp_path / 'absent.csv'}: file not found" in missing.stdout
+    typo = run_cli("doctor", f"model.name={tmp_path / 'my_model'}", check=False)
+    assert typo.returncode == 1 and "neither a local folder nor a Hub id" in typo.stdout
     offline = run_cli("doctor", "model.name=someone/not-cached-model", env={"HF_HUB_OFFLINE": "1"}, check=False)
     assert offline.returncode == 1
     assert "model.name=someone/not-cached-model: a Hub id not in the local cache, and HF_HUB_OFFLINE" in offline.stdout
