@@ -76,7 +76,7 @@ def _predict(args: argparse.Namespace) -> int:
             "predict: --id-column names a column of --file; give the texts in that file, not as arguments"
         )
     if args.file and _is_lines(Path(args.file)):
-        shown = "standard input" if args.file == STDIN else args.file
+        shown = _shown_input(Path(args.file))
         for flag, value in (("--id-column", args.id_column), ("--column-names", args.column_names)):
             if value:
                 raise ConfigError(f"{flag} {value}: {shown} is one text per line, without columns")
@@ -146,17 +146,20 @@ def _is_lines(path: Path) -> bool:
     return path.suffix.lower() == ".txt" or str(path) == STDIN
 
 
+def _shown_input(path: Path) -> str:
+    """How messages name predict's input."""
+    return "standard input" if str(path) == STDIN else str(path)
+
+
 def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list | None]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet
     file, and with `id_column` each row's value in that column, to carry into its prediction."""
     from distsent.data import PREDICT_FLAGS, BadRows, DataError, physical_lines, read_file
 
     if _is_lines(path):
-        from_stdin = str(path) == STDIN
-        shown = "standard input" if from_stdin else str(path)
-        if not from_stdin and not path.is_file():
-            raise DataError(f"{path}: file not found")
-        raw = sys.stdin.buffer.read() if from_stdin else path.read_bytes()
+        # _predict has checked that a named file is there.
+        shown = _shown_input(path)
+        raw = sys.stdin.buffer.read() if str(path) == STDIN else path.read_bytes()
         try:
             lines = physical_lines(raw.decode("utf-8-sig"))
         except UnicodeDecodeError as error:

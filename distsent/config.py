@@ -673,7 +673,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
         try:
-            values = read_yaml(path.read_text(encoding="utf-8")) or {}
+            text = path.read_text(encoding="utf-8")
+            values = read_yaml(text) or {}
         except UnicodeDecodeError as error:
             raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); is it a config file?") from error
         except yaml.MarkedYAMLError as error:
@@ -685,7 +686,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: must hold a mapping of sections, got {type(values).__name__}")
-        from_file = _Written.from_yaml(path.read_text(encoding="utf-8"), str(path))
+        from_file = _Written.from_yaml(text, str(path))
         _apply(cfg, values, "", from_file)
     else:
         from_file = _Written()

@@ -95,9 +95,9 @@ def _model_source(name: str, revision: str | None, problems: list[str]) -> str:
     """Where model.name comes from, and a problem where it cannot come from there now."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from distsent.modeling import PACKAGED_MINILM_NAMES, TINY_BERT
+    from distsent.modeling import LOCAL_MODEL_NAMES
 
-    if name in PACKAGED_MINILM_NAMES or name == TINY_BERT:
+    if name in LOCAL_MODEL_NAMES:
         return f"{name} (packaged, no Hub needed)"
     if Path(name).is_dir():
         return f"{name} (local folder)"

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 PACKAGED_MINILM_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
 TINY_BERT = "tiny-bert"
+# The model names distsent loads without the Hub.
+LOCAL_MODEL_NAMES = (TINY_BERT, *PACKAGED_MINILM_NAMES)
 HEAD_WEIGHTS = "distsent_head.safetensors"
 # transformers' names for labels nobody named: such a head carries over by position.
 UNNAMED_LABEL = re.compile(r"LABEL_\d+")
@@ -50,7 +52,7 @@ def packaged_minilm_path() -> Path:
 
 def resolve_model_source(name: str) -> str:
     """Map distsent's model names to something `from_pretrained` accepts."""
-    if name in PACKAGED_MINILM_NAMES or name == TINY_BERT:
+    if name in LOCAL_MODEL_NAMES:
         return str(packaged_minilm_path())
     return name
 
@@ -60,10 +62,11 @@ def build_tokenizer(cfg: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(cfg.name), revision=cfg.revision)
     except OSError as error:  # no such local folder, and the Hub unreachable or without it
-        local = [TINY_BERT, *PACKAGED_MINILM_NAMES]
-        close = difflib.get_close_matches(cfg.name, local, n=1, cutoff=0.8)
+        close = difflib.get_close_matches(cfg.name, LOCAL_MODEL_NAMES, n=1, cutoff=0.8)
         hint = (
-            f"; did you mean {close[0]}?" if close else f"; the names distsent has without the Hub: {', '.join(local)}"
+            f"; did you mean {close[0]}?"
+            if close
+            else f"; the names distsent has without the Hub: {', '.join(LOCAL_MODEL_NAMES)}"
         )
         raise ConfigError(f"model.name={cfg.name}: cannot load it ({first_line(error)}){hint}") from error
     require_vocabulary(tokenizer, f"model.name={cfg.name}")

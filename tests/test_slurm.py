@@ -93,14 +93,16 @@ def straight(cluster, tmp_path_factory) -> Path:
     return root / "run"
 
 
+def wait_for(condition, what: str, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
+        time.sleep(0.1)
+    assert condition(), f"{what} did not happen:\n{log.read_text()[-3000:] if log.exists() else ''}"
+
+
 def submit_and_wait_for_checkpoint(cluster: SlurmCluster, output_dir: Path, log: Path) -> int:
     job = submit(cluster, "single_node.sbatch", output_dir, log)
-    deadline = time.time() + 300
-    while time.time() < deadline and not complete_checkpoints(output_dir):
-        time.sleep(0.2)
-    assert complete_checkpoints(output_dir), (
-        f"no checkpoint appeared:\n{log.read_text()[-3000:] if log.exists() else ''}"
-    )
+    wait_for(lambda: complete_checkpoints(output_dir), "a checkpoint", log)
     return job
 
 
@@ -137,13 +139,6 @@ def test_requeued_job_resumes_to_the_same_weights(cluster, straight, tmp_path):
     text = log.read_text()
     assert f"job {job} (restart 1)" in text and "resumed from" in text
     assert_same_as_straight(requeued, straight)
-
-
-def wait_for(condition, what: str, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and not condition():
-        time.sleep(0.1)
-    assert condition(), f"{what} did not happen:\n{log.read_text()[-3000:] if log.exists() else ''}"
 
 
 def test_a_segment_that_makes_no_progress_is_not_requeued(cluster, tmp_path):
