@@ -343,6 +343,22 @@ def _configure_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "datasets", "transformers", "accelerate", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    _route_library_logs_through_root()
+
+
+def _route_library_logs_through_root() -> None:
+    """transformers and huggingface_hub each give their root logger a handler of their own.
+    huggingface_hub's also propagates, so every Hub retry warning was printed twice;
+    transformers' printed in its own format. One handler, the root's, prints them all."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    hub_root = logging.getLogger("huggingface_hub")
+    for handler in list(hub_root.handlers):
+        hub_root.removeHandler(handler)
+    hub_logging.enable_propagation()
 
 
 def main(argv: list[str] | None = None) -> int:

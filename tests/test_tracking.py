@@ -213,3 +213,27 @@ def test_report_reads_the_cut_off_line_a_killed_run_leaves(tmp_path):
     history.write_text('{"event": "train", "step": 5, "loss": 0.7}\nnot json\n{"event": "train", "step": 10}\n')
     with pytest.raises(CheckpointError, match=r"metrics.jsonl:2: not a JSON object"):
         read_events(tmp_path)
+
+
+def test_library_warnings_are_printed_once_in_the_run_format():
+    # huggingface_hub's own handler and the root's both printed each Hub retry warning;
+    # transformers printed in a format of its own (and twice under CI=true).
+    script = (
+        "import logging; from distsent.__main__ import _configure_logging; _configure_logging(0); "
+        "import huggingface_hub.utils._http, transformers.utils.logging; "
+        "transformers.utils.logging.get_logger('transformers.modeling_utils'); "
+        "logging.getLogger('huggingface_hub.utils._http').warning('hub retry'); "
+        "logging.getLogger('transformers.modeling_utils').warning('weights missing')"
+    )
+    env = {**cli_env(), "CI": "true"}
+    result = subprocess.run(
+        [str(REPO / ".venv/bin/python"), "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if "hub retry" in line] == [
+        "[rank0] WARNING huggingface_hub.utils._http: hub retry"
+    ], result.stderr
+    assert [line for line in lines if "weights missing" in line] == [
+        "[rank0] WARNING transformers.modeling_utils: weights missing"
+    ], result.stderr
