@@ -77,13 +77,21 @@ def _predict(args: argparse.Namespace) -> int:
         )
     if args.file and _is_lines(Path(args.file)):
         shown = _shown_input(Path(args.file))
-        for flag, value in (("--id-column", args.id_column), ("--column-names", args.column_names)):
-            if value:
-                raise ConfigError(f"{flag} {value}: {shown} is one text per line, without columns")
-    if args.file and args.file != STDIN:
-        if args.output:
-            _refuse_overwriting_input(Path(args.output), Path(args.file), "--output", "--file")
-        _require_file(Path(args.file), "--file")
+        column_flags = {
+            "--id-column": args.id_column,
+            "--column-names": args.column_names,
+            "--text-column": args.text_column,
+        }
+        given = [f"{flag} {value}" for flag, value in column_flags.items() if value is not None]
+        if args.header is not None:
+            given.append("--header" if args.header else "--no-header")
+        if given:
+            raise ConfigError(f"{', '.join(given)}: {shown} is one text per line, without columns")
+    named_file = Path(args.file) if args.file and args.file != STDIN else None
+    if args.output:
+        _check_output(Path(args.output), "--output", named_file, "--file")
+    if named_file:
+        _require_file(named_file, "--file")
     predictor = Predictor(args.model)
     texts, ids = list(args.texts), None
     if args.file:
@@ -154,7 +162,7 @@ def _shown_input(path: Path) -> str:
 def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list | None]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet
     file, and with `id_column` each row's value in that column, to carry into its prediction."""
-    from distsent.data import PREDICT_FLAGS, BadRows, DataError, physical_lines, read_file
+    from distsent.data import PREDICT_FLAGS, BadRows, DataError, has_undecodable, physical_lines, read_file
 
     if _is_lines(path):
         # _predict has checked that a named file is there.
@@ -177,6 +185,8 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
     for text, row_id, origin in zip(rows.texts, rows.labels, rows.origins, strict=True):
         if not isinstance(text, str):
             raise DataError(f"{origin}: {text!r} in the text column (--text-column {cfg.text_column}) is not text")
+        if has_undecodable(text):
+            raise DataError(f"{origin}: undecodable bytes in the text column: not UTF-8 text")
         if id_column and (row_id is None or str(row_id).strip() == ""):
             raise DataError(f"{origin}: no id in the id column (--id-column {id_column})")
     return rows.texts, rows.labels if id_column else None
@@ -188,7 +198,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     data = Path(args.data)
     if args.misclassified:
-        _refuse_overwriting_input(Path(args.misclassified), data, "--misclassified", "--data")
+        _check_output(Path(args.misclassified), "--misclassified", data, "--data")
     if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise ConfigError(f"--plots {args.plots}: a file, not a folder to draw into")
     _require_file(data, "--data")
@@ -209,9 +219,15 @@ def _require_file(path: Path, flag: str) -> None:
         raise DataError(f"{flag} {path}: file not found" if not path.exists() else f"{flag} {path}: not a file")
 
 
-def _refuse_overwriting_input(output: Path, source: Path, output_flag: str, source_flag: str) -> None:
-    """The results file must not replace the file they come from."""
-    if output.exists() and source.exists() and output.resolve() == source.resolve():
+def _check_output(output: Path, output_flag: str, source: Path | None, source_flag: str) -> None:
+    """Before the model loads: a results file that cannot be written, or that would replace the
+    file the results come from, is refused, not found out after the whole pass."""
+    if output.is_dir():
+        raise ConfigError(f"{output_flag} {output}: a folder, not a file to write")
+    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{output_flag} {output}: {blocking} is a file, not a folder")
+    if source is not None and output.exists() and source.exists() and output.resolve() == source.resolve():
         raise ConfigError(f"{output_flag} {output} is the {source_flag} file; writing there would replace it")
 
 
@@ -258,14 +274,10 @@ def _positive_int(text: str) -> int:
 def _run_best_metric(run_dir: Path) -> str:
     """The metric the run picked its best model by, as training plotted it."""
     from distsent.checkpoint import RUN_CONFIG_NAME
-    from distsent.config import Config, config_from_dict, read_yaml
+    from distsent.config import Config, saved_section
 
     saved = run_dir / RUN_CONFIG_NAME
-    return (
-        config_from_dict(read_yaml(saved.read_text())).train.best_metric
-        if saved.is_file()
-        else Config().train.best_metric
-    )
+    return saved_section(saved, "train").best_metric if saved.is_file() else Config().train.best_metric
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import itertools
+import logging
 import math
 import re
 import textwrap
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from distsent import __version__
 
 
 class ConfigError(ValueError):
@@ -714,6 +717,33 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     _apply(cfg, values, "")
     cfg.validate()
     return cfg
+
+
+def saved_section(path: Path, section: str):
+    """One section of a config distsent saved with a run or an export, read back. The file is
+    a record, not the user's input: keys this version of distsent does not know (a file from
+    another version) are left out with a warning, and other sections are not read at all, so
+    an export keeps loading after settings it never used are renamed."""
+    target = getattr(Config(), section)
+    try:
+        values = read_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read it ({first_line(error)})") from error
+    stored = values.get(section) if isinstance(values, dict) else None
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{path}: not a config distsent saved (no '{section}' section)")
+    known = {f.name for f in dataclasses.fields(target)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        logging.getLogger("distsent").warning(
+            "%s: ignoring %s, unknown to distsent %s", path, ", ".join(f"{section}.{k}" for k in unknown), __version__
+        )
+    try:
+        _apply(target, {key: value for key, value in stored.items() if key in known}, f"{section}.")
+        target.validate()
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return target
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -177,7 +177,7 @@ def _decode(raw: bytes, path: Path) -> str:
     return raw.decode("utf-8-sig", errors="surrogateescape")
 
 
-def _has_undecodable(text: str) -> bool:
+def has_undecodable(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
@@ -361,7 +361,7 @@ def clean_and_filter(
         if not isinstance(text, str):
             bad.report(origin, f"non-text value in the text column: {text!r}")
             continue
-        if _has_undecodable(text):
+        if has_undecodable(text):
             bad.report(origin, "undecodable bytes in the text column: not UTF-8 text")
             continue
         # `"text", positive` in a CSV: the label is `positive`, not ` positive`.
@@ -371,7 +371,7 @@ def clean_and_filter(
             continue
         # JSON's NaN (Python's json reads it) is no label, as null is none.
         label_text = "" if label is None or (isinstance(label, float) and math.isnan(label)) else str(label)
-        if _has_undecodable(label_text):
+        if has_undecodable(label_text):
             bad.report(origin, "undecodable bytes in the label column: not UTF-8 text")
             continue
         text = clean_text(text, cfg)

@@ -93,7 +93,8 @@ Predictor("PATH/TO/THIS/FOLDER").predict(["what a great film"])
 ```python
 from transformers import pipeline
 classify = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")
-classify("what a great film")
+classify("what a great film", truncation=True, max_length={cfg.data.max_length})
 ```
 
-or {command}."""
+(truncated at training's `data.max_length`; only distsent repeats training's text cleaning and
+`{cfg.data.truncation}` truncation), or {command}."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
 from distsent.checkpoint import EXPORT_CONFIG_NAME
-from distsent.config import ConfigError, DataConfig, config_from_dict, first_line, read_yaml
+from distsent.config import ConfigError, DataConfig, first_line, saved_section
 from distsent.data import TABLE_SUFFIXES, clean_text, encode_texts
 from distsent.modeling import label_names_of, load_classifier, probabilities, require_vocabulary
 
@@ -47,15 +48,27 @@ class Predictor:
         # Clean and truncate as in training (HTML, URLs, case; max_length, head or head+tail)
         # when the export says how; a model from elsewhere gets its texts as they are.
         saved = model_dir / EXPORT_CONFIG_NAME
-        self.data = config_from_dict(read_yaml(saved.read_text())).data if saved.is_file() else DataConfig()
-        longest = self.data.max_length if saved.is_file() else 512
-        self.max_length = min(longest, self.tokenizer.model_max_length)
+        self.data = saved_section(saved, "data") if saved.is_file() else DataConfig()
+        # Training truncated at data.max_length (checked then against the position
+        # embeddings), whatever the base tokenizer's model_max_length said.
+        self.max_length = self.data.max_length if saved.is_file() else min(512, self.tokenizer.model_max_length)
+        if (
+            getattr(self.model.config, "problem_type", None) == "multi_label_classification"
+            and len(self.model.config.id2label) > 1
+        ):
+            # distsent's single-logit exports say multi-label too (their one logit trains with
+            # BCE); a model with a sigmoid output per label scores labels independently, and a
+            # softmax over them would be a confidence in nothing.
+            raise ConfigError(
+                f"--model {model_dir}: a multi-label classifier (problem_type multi_label_classification, "
+                f"{len(self.model.config.id2label)} outputs); predict takes single-label classifiers"
+            )
 
     @torch.no_grad()
-    def predict_proba(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    def predict_proba(self, texts: str | list[str], batch_size: int = 64) -> torch.Tensor:
         """(N, num_labels) class probabilities, in input order."""
         out = []
-        texts = [clean_text(text, self.data) for text in texts]
+        texts = [clean_text(text, self.data) for text in _as_list(texts)]
         for start in range(0, len(texts), batch_size):
             ids = encode_texts(
                 texts[start : start + batch_size],
@@ -69,9 +82,10 @@ class Predictor:
             out.append(probabilities(logits).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.label_names))
 
-    def predict(self, texts: list[str], batch_size: int = 64, all_scores: bool = False) -> list[dict]:
+    def predict(self, texts: str | list[str], batch_size: int = 64, all_scores: bool = False) -> list[dict]:
         """One {"text", "label", "score"} per text: the most probable label and its probability;
         with `all_scores`, also "scores": every label's probability."""
+        texts = _as_list(texts)
         probs = self.predict_proba(texts, batch_size)
         rows = []
         for text, row in zip(texts, probs.tolist(), strict=True):
@@ -83,21 +97,33 @@ class Predictor:
         return rows
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
+def _as_list(texts: str | list[str]) -> list[str]:
+    # One string is one text, not a list of characters to classify each.
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, newline: str | None = None):
+    """A UTF-8 text file written beside `path` and renamed onto it when complete: a failed
+    write (disk full, a text the encoding refuses) leaves no half file and keeps an old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        with staging.open("w", encoding="utf-8", newline=newline) as handle:
+            yield handle
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def write_records(rows: list[dict], path: Path, columns: list[str]) -> None:
     """JSON lines, or a table of `columns` where the name asks for one (`.csv`, `.tsv`)."""
     delimiter = TABLE_SUFFIXES.get(path.suffix.lower())
     if delimiter is None:
-        write_jsonl(rows, path)
+        with _replacing(path) as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with _replacing(path, newline="") as handle:
         writer = csv.writer(handle, delimiter=delimiter)
         writer.writerow(columns)
         writer.writerows([row[column] for column in columns] for row in rows)

@@ -162,6 +162,14 @@ def test_predict_refuses_models_it_cannot_read_in_one_line(tmp_path):
     tokenizer.save_pretrained(foreign)
     refused = run_cli("predict", "--model", str(foreign), "a fine film", check=False)
     assert refused.returncode == 2 and "one output named ['LABEL_0']" in refused.stderr, refused.stderr
+    # Independent sigmoid scores per label: a softmax over them would be no confidence.
+    multi_label = tmp_path / "multi_label"
+    config = tiny_bert_config(len(tokenizer))
+    config.num_labels, config.problem_type = 3, "multi_label_classification"
+    BertForSequenceClassification(config).save_pretrained(multi_label)
+    tokenizer.save_pretrained(multi_label)
+    refused = run_cli("predict", "--model", str(multi_label), "a fine film", check=False)
+    assert refused.returncode == 2 and "a multi-label classifier" in refused.stderr, refused.stderr
     headless = tmp_path / "mean"
     mean = load_config(None, ["model.name=tiny-bert", "model.head=mean"])
     build_model(mean.model, ["negative", "positive"], len(tokenizer)).save_pretrained(headless)

@@ -180,6 +180,75 @@ def test_predictions_clean_texts_as_training_did(tiny_run: Path, tmp_path: Path)
     assert torch.allclose(cleaned[0], cleaned[1])
 
 
+def test_predictor_reads_what_training_saved_and_nothing_more(tiny_run: Path, tmp_path: Path, caplog):
+    import shutil
+
+    import yaml
+
+    from distsent.config import ConfigError
+    from distsent.predict import Predictor
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_run / "final", export)
+    # Training truncated at data.max_length, not at the base tokenizer's model_max_length.
+    tokenizer_config = json.loads((export / "tokenizer_config.json").read_text())
+    (export / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "model_max_length": 16}))
+    settings = yaml.safe_load((export / "distsent_config.yaml").read_text())
+    assert Predictor(export).max_length == settings["data"]["max_length"] == 128
+    # One string is one text, not one per character.
+    assert [row["text"] for row in Predictor(export).predict("what a great film")] == ["what a great film"]
+    # Only the data section matters to predictions: a key another distsent version wrote
+    # there is ignored with a warning, and other sections are not read.
+    settings["data"]["retired_setting"] = 1
+    settings["train"]["renamed_setting"] = 2
+    (export / "distsent_config.yaml").write_text(yaml.safe_dump(settings))
+    with caplog.at_level("WARNING", logger="distsent"):
+        Predictor(export)
+    assert "ignoring data.retired_setting, unknown to distsent" in caplog.text
+    (export / "distsent_config.yaml").write_text("")
+    with pytest.raises(ConfigError, match="distsent_config.yaml: not a config distsent saved"):
+        Predictor(export)
+
+
+def test_predict_refuses_inputs_and_outputs_it_cannot_use_before_loading(tiny_run: Path, tmp_path: Path):
+    model = ["predict", "--model", str(tmp_path / "no_model")]
+    lines = tmp_path / "texts.txt"
+    lines.write_text("what a great film\n")
+    for flag in (["--text-column", "review"], ["--header"]):
+        refused = run_cli(*model, "--file", str(lines), *flag, check=False)
+        assert refused.returncode == 2 and f"{' '.join(flag)}: {lines} is one text per line" in refused.stderr, (
+            refused.stderr
+        )
+    folder = tmp_path / "out"
+    folder.mkdir()
+    refused = run_cli(*model, "--output", str(folder), "a text", check=False)
+    assert refused.returncode == 2 and f"--output {folder}: a folder, not a file" in refused.stderr, refused.stderr
+    refused = run_cli(*model, "--output", str(lines / "p.jsonl"), "a text", check=False)
+    assert refused.returncode == 2 and f"{lines} is a file, not a folder" in refused.stderr, refused.stderr
+    # Bytes that are not UTF-8 in a table's text column: named at their line, as training does.
+    table = tmp_path / "bad.csv"
+    table.write_bytes(b'text,label\nfine film,x\n"caf\xe9 was great",x\n')
+    bad = run_cli("predict", "--model", str(tiny_run / "final"), "--file", str(table), check=False)
+    assert bad.returncode == 2 and f"{table}:3: undecodable bytes in the text column" in bad.stderr, bad.stderr
+    # Output files are UTF-8 whatever the locale, written whole or not at all.
+    output = tmp_path / "emoji.jsonl"
+    locale_env = {**cli_env(), "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"}
+    command = [sys.executable, "-m", "distsent", "predict", "--model", str(tiny_run / "final")]
+    emoji = tmp_path / "emoji.txt"
+    emoji.write_text("great film \U0001f600\n", encoding="utf-8")
+    written = subprocess.run(
+        [*command, "--file", str(emoji), "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env=locale_env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert written.returncode == 0, written.stderr[-2000:]
+    assert json.loads(output.read_text(encoding="utf-8"))["text"] == "great film \U0001f600"
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".")) == []
+
+
 def test_a_headerless_file_is_read_with_the_column_names_given(tiny_run: Path, tmp_path: Path):
     """The model trained on a file with a header: a headerless one needs its columns named."""
     headerless = tmp_path / "reviews.csv"
