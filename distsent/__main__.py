@@ -197,15 +197,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from distsent.predict import Predictor
 
     data = Path(args.data)
-    if args.misclassified:
-        _check_output(Path(args.misclassified), "--misclassified", data, "--data")
+    # By default beside the data, which may be in a folder the user cannot write to.
+    misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
+    _check_output(misclassified, "--misclassified", data, "--data")
     if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise ConfigError(f"--plots {args.plots}: a file, not a folder to draw into")
     _require_file(data, "--data")
     predictor = Predictor(args.model)
     settings = _file_settings(predictor.data, data, args, "--data")
     cfg = dataclasses.replace(settings, bad_rows=args.bad_rows or settings.bad_rows)
-    misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
     report = evaluate_file(predictor, cfg, misclassified, Path(args.plots) if args.plots else None, args.batch_size)
     print(json.dumps(report, indent=2))
     return 0
@@ -224,9 +224,11 @@ def _check_output(output: Path, output_flag: str, source: Path | None, source_fl
     file the results come from, is refused, not found out after the whole pass."""
     if output.is_dir():
         raise ConfigError(f"{output_flag} {output}: a folder, not a file to write")
-    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise ConfigError(f"{output_flag} {output}: {blocking} is a file, not a folder")
+    existing = next(parent for parent in output.absolute().parents if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{output_flag} {output}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"{output_flag} {output}: cannot write into {existing}; give a path elsewhere")
     if source is not None and output.exists() and source.exists() and output.resolve() == source.resolve():
         raise ConfigError(f"{output_flag} {output} is the {source_flag} file; writing there would replace it")
 
@@ -405,9 +407,13 @@ def _run_command(args: argparse.Namespace) -> int:
 
     from distsent.checkpoint import CheckpointError
     from distsent.data import DataError
+    from distsent.metrics import NonFiniteOutputs
 
     try:
         return args.handler(args)
+    except NonFiniteOutputs as error:
+        print(f"distsent: non-finite outputs: {error}", file=sys.stderr)
+        return 1
     except ConfigError as error:
         return _user_error("config", error)
     except CheckpointError as error:

@@ -49,7 +49,8 @@ class TrainBatchPlan:
             raise ConfigError(
                 f"the training set ({len(self.lengths)} examples) is smaller than one global batch "
                 f"({self.global_batch_size} = {micro_batch_size} per process x {world_size} processes "
-                f"x {grad_accum_steps} accumulation): lower train.batch_size or train.grad_accum_steps"
+                f"x {grad_accum_steps} accumulation): lower train.batch_size or train.grad_accum_steps, "
+                "run fewer processes, or give more training data"
             )
 
     def describe(self) -> str:

@@ -435,6 +435,18 @@ def _export_step(export: Path) -> int | None:
         return None
 
 
+def write_whole(path: Path, text: str) -> None:
+    """`text` as UTF-8 into `path`, written beside it and renamed onto it: a kill or a full disk
+    leaves the old file or none, never a cut-off one that a later read would choke on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def rollback_history(output_dir: Path, step: int) -> int:
     """Drop metrics.jsonl events logged after `step` (they are about to be redone), so a
     resumed run's history reads like an uninterrupted one. Returns how many were dropped."""
@@ -447,9 +459,7 @@ def rollback_history(output_dir: Path, step: int) -> int:
     if torn_line is not None:
         log.warning("%s:%d: dropped an incomplete last line", path, torn_line)
     kept = [line for line, event in events if event.get("step", 0) <= step]
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text("".join(f"{line}\n" for line in kept))
-    staging.replace(path)
+    write_whole(path, "".join(f"{line}\n" for line in kept))
     return len(events) + (torn_line is not None) - len(kept)
 
 

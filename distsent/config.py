@@ -405,6 +405,11 @@ class TrainConfig:
         _check_range("train.eval_every_steps", self.eval_every_steps, 1, None, allow_none=True)
         _check_range("train.threads", self.threads, 1, None, allow_none=True)
         _check_range("train.early_stopping_patience", self.early_stopping_patience, 1, None, allow_none=True)
+        # Scores are fractions: a target of 80 (meant as 80%) would never be reached.
+        highest = None if self.best_metric == "loss" else 1.0
+        _check_range("train.early_stopping_target", self.early_stopping_target, 0.0, highest, allow_none=True)
+        # Each process seeds with seed + its rank, and NumPy takes seeds below 2**32.
+        _check_range("train.seed", self.seed, 0, 2**31 - 1)
         if isinstance(self.class_weights, list) and any(w <= 0 for w in self.class_weights):
             raise ConfigError(f"train.class_weights must be positive, got {self.class_weights}")
 

@@ -15,7 +15,14 @@ from sklearn.metrics import (
 LOWER_IS_BETTER = ("loss",)
 
 
+class NonFiniteOutputs(ValueError):
+    """The model scored examples NaN or infinite: no metric describes it, and its argmax would
+    put every such example in the first class."""
+
+
 def is_improvement(metric: str, value: float, best: float | None) -> bool:
+    if not np.isfinite(value):
+        return False  # a NaN best would never be beaten
     if best is None:
         return True
     return value < best if metric in LOWER_IS_BETTER else value > best
@@ -29,6 +36,9 @@ def classification_metrics(
     `probs` is (N, num_labels); predictions are its argmax."""
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
+    non_finite = int((~np.isfinite(probs)).any(axis=1).sum())
+    if non_finite:
+        raise NonFiniteOutputs(f"the model scored {non_finite} of {len(probs)} examples NaN or infinite")
     preds = probs.argmax(axis=1)
     ids = list(range(len(label_names)))
     metrics: dict = {"num_examples": int(len(labels))}
@@ -47,10 +57,11 @@ def classification_metrics(
     precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
     matrix = confusion_matrix(labels, preds, labels=ids)
     # None where a score is undefined: recall and accuracy of a class with no examples here,
-    # precision and F1 too where it is not predicted either.
+    # precision of a class never predicted, F1 where the class is neither.
     metrics["per_class"] = {
         name: {
-            "precision": float(precision[i]) if i in present else None,
+            # 0/0 for a class never predicted: no precision, not a precision of 0.
+            "precision": float(precision[i]) if matrix[:, i].sum() else None,
             "recall": float(recall[i]) if support[i] else None,
             "f1": float(f1[i]) if i in present else None,
             # Per-class accuracy is the share of this class's examples predicted correctly.

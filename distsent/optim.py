@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import get_linear_schedule_with_warmup
 
@@ -24,10 +26,17 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def total_optimizer_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """train.max_steps, else train.epochs' worth, the last partial epoch's steps counted whole."""
+    # Rounded first: 0.55 epochs of 100 steps is 55.00000000000001 in floating point, not 56 steps.
+    return cfg.max_steps or math.ceil(round(cfg.epochs * steps_per_epoch, 6))
+
+
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.warmup_steps is not None:
         return min(cfg.warmup_steps, total_steps)
-    return int(cfg.warmup_ratio * total_steps)
+    # Rounded first: 0.29 x 100 is 28.999999999999996 in floating point, not 28 steps.
+    return math.floor(round(cfg.warmup_ratio * total_steps, 6))
 
 
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, fused: bool = True) -> torch.optim.AdamW:

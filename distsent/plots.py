@@ -10,9 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import auc, roc_curve  # noqa: E402
 
-from distsent.checkpoint import read_history  # noqa: E402
+from distsent.checkpoint import read_history, write_whole  # noqa: E402
 from distsent.tracking import METRICS_FILE  # noqa: E402
 
 PREDICTIONS_FILE = "validation_predictions.json"
@@ -23,7 +23,7 @@ def save_predictions(output_dir: Path, labels: np.ndarray, probs: np.ndarray, la
     """Keep the final validation predictions so the ROC curve can be redrawn without the model.
     Unrounded: rounding makes ties, and the redrawn curve's AUC would then differ from the logged one."""
     payload = {"label_names": label_names, "labels": labels.tolist(), "probs": np.asarray(probs).tolist()}
-    (output_dir / PREDICTIONS_FILE).write_text(json.dumps(payload))
+    write_whole(output_dir / PREDICTIONS_FILE, json.dumps(payload))
 
 
 def read_events(output_dir: Path) -> list[dict]:
@@ -65,9 +65,12 @@ def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], targe
     axis.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=f"Confusion matrix, {scored}")
     axis.set_xticklabels(label_names, rotation=45, ha="right")
     axis.set_yticklabels(label_names)
+    # Dark cells get white counts: black on the darkest blue is unreadable.
+    dark = counts.max() / 2 if counts.size else 0
     for row in ticks:
         for column in ticks:
-            axis.text(column, row, int(counts[row, column]), ha="center", va="center")
+            color = "white" if counts[row, column] > dark else "black"
+            axis.text(column, row, int(counts[row, column]), ha="center", va="center", color=color)
     figure.tight_layout()
     figure.savefig(target, dpi=100)
     plt.close(figure)
@@ -77,7 +80,7 @@ def confusion_matrix_plot(matrix: list[list[int]], label_names: list[str], targe
 def roc_plot(labels: list[int], probs: list[list[float]], label_names: list[str], target: Path, scored: str) -> Path:
     positive_scores = np.asarray(probs)[:, 1]
     fpr, tpr, _ = roc_curve(labels, positive_scores)
-    area = float(np.trapezoid(tpr, fpr))
+    area = float(auc(fpr, tpr))  # not np.trapezoid: NumPy 1.x lacks it
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot(fpr, tpr, label=f"AUC {area:.3f}")
     axis.plot([0, 1], [0, 1], "--", color="grey")
@@ -101,6 +104,9 @@ def evaluation_plots(
     written = [confusion_matrix_plot(matrix, label_names, folder / "confusion_matrix.png", scored)]
     if len(label_names) == 2 and len(set(labels)) == 2:
         written.append(roc_plot(labels, probs, label_names, folder / "roc.png", scored))
+    else:
+        # A ROC from an earlier call into this folder would pass for this data's.
+        (folder / "roc.png").unlink(missing_ok=True)
     return written
 
 

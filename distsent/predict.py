@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -11,9 +11,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
-from distsent.checkpoint import EXPORT_CONFIG_NAME
+from distsent.checkpoint import EXPORT_CONFIG_NAME, write_whole
 from distsent.config import ConfigError, DataConfig, first_line, saved_section
 from distsent.data import TABLE_SUFFIXES, clean_text, encode_texts
+from distsent.metrics import NonFiniteOutputs
 from distsent.modeling import label_names_of, load_classifier, probabilities, require_vocabulary
 
 
@@ -80,7 +81,14 @@ class Predictor:
             batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out.append(probabilities(logits).cpu())
-        return torch.cat(out) if out else torch.empty(0, len(self.label_names))
+        probs = torch.cat(out) if out else torch.empty(0, len(self.label_names))
+        non_finite = int((~probs.isfinite()).any(dim=1).sum())
+        if non_finite:
+            raise NonFiniteOutputs(
+                f"--model {self.model_dir} scored {non_finite} of {len(probs)} texts NaN or infinite: its weights "
+                "are damaged, or its training diverged"
+            )
+        return probs
 
     def predict(self, texts: str | list[str], batch_size: int = 64, all_scores: bool = False) -> list[dict]:
         """One {"text", "label", "score"} per text: the most probable label and its probability;
@@ -102,31 +110,18 @@ def _as_list(texts: str | list[str]) -> list[str]:
     return [texts] if isinstance(texts, str) else list(texts)
 
 
-@contextlib.contextmanager
-def _replacing(path: Path, newline: str | None = None):
-    """A UTF-8 text file written beside `path` and renamed onto it when complete: a failed
-    write (disk full, a text the encoding refuses) leaves no half file and keeps an old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        with staging.open("w", encoding="utf-8", newline=newline) as handle:
-            yield handle
-        staging.replace(path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
 def write_records(rows: list[dict], path: Path, columns: list[str]) -> None:
-    """JSON lines, or a table of `columns` where the name asks for one (`.csv`, `.tsv`)."""
+    """JSON lines, or a table of `columns` where the name asks for one (`.csv`, `.tsv`); UTF-8
+    whatever the locale, and written whole or not at all."""
     delimiter = TABLE_SUFFIXES.get(path.suffix.lower())
     if delimiter is None:
-        with _replacing(path) as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_whole(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         return
-    with _replacing(path, newline="") as handle:
-        writer = csv.writer(handle, delimiter=delimiter)
-        writer.writerow(columns)
-        writer.writerows([row[column] for column in columns] for row in rows)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table, delimiter=delimiter)
+    writer.writerow(columns)
+    writer.writerows([row[column] for column in columns] for row in rows)
+    write_whole(path, table.getvalue())
 
 
 def write_predictions(rows: list[dict], path: Path, score_labels: list[str], with_ids: bool = False) -> None:

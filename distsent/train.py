@@ -32,6 +32,7 @@ from distsent.checkpoint import (
     save_checkpoint,
     tidy_interrupted_exports,
     tidy_interrupted_writes,
+    write_whole,
 )
 from distsent.config import Config, ConfigError, TrainConfig, save_config
 from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
@@ -47,7 +48,7 @@ from distsent.distributed import (
 )
 from distsent.evaluate import evaluate
 from distsent.first_token import use_first_token_last_layer
-from distsent.metrics import LOWER_IS_BETTER, is_improvement, selectable_metrics
+from distsent.metrics import LOWER_IS_BETTER, NonFiniteOutputs, is_improvement, selectable_metrics
 from distsent.modeling import (
     build_model,
     build_tokenizer,
@@ -56,7 +57,7 @@ from distsent.modeling import (
     weighted_loss_sum,
     weighted_mean_loss,
 )
-from distsent.optim import build_optimizer, build_schedule, loss_scale, scaler_skipped_step
+from distsent.optim import build_optimizer, build_schedule, loss_scale, scaler_skipped_step, total_optimizer_steps
 from distsent.packing import is_packed, model_inputs, position_limit, real_tokens, training_collator
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher, record_preemption, segment_made_progress
@@ -264,7 +265,7 @@ def train(cfg: Config) -> dict:
             length_grouping=cfg.train.length_grouping,
         )
         steps_per_epoch = plan.steps_per_epoch
-        total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+        total_steps = total_optimizer_steps(cfg.train, steps_per_epoch)
 
         with model_construction_context(accelerator):
             model = build_model(cfg.model, label_names, len(tokenizer))
@@ -434,8 +435,15 @@ def train(cfg: Config) -> dict:
             except Preempted as stop:
                 checkpoint_for_preemption(str(stop))
                 raise
+            except NonFiniteOutputs as error:
+                # Every rank scored the same gathered outputs, so every rank stops here.
+                raise NonFiniteOutputs(
+                    f"validation at step {state.global_step}: {error}. Training diverged; lower train.lr, keep "
+                    "train.max_grad_norm, or train in bf16 rather than fp16. Earlier checkpoints and exports "
+                    "are kept"
+                ) from None
             state.eval_pending = False
-            if state.last_train_loss is not None:
+            if state.last_train_loss:  # a memorised window can log a loss of exactly 0
                 # Above 1 and growing while validation loss rises: the model is overfitting.
                 # Measured as the training loss is: class-weighted where weights are set.
                 val_loss = metrics["loss"]
@@ -459,7 +467,8 @@ def train(cfg: Config) -> dict:
                 )
             else:
                 state.evals_without_improvement += 1
-            state.stopped_early = early_stopping_reason(cfg.train, state)
+            if state.global_step < total_steps:  # the last validation stops nothing early
+                state.stopped_early = early_stopping_reason(cfg.train, state)
 
         if state.eval_pending:
             validate_and_export_best()
@@ -638,7 +647,7 @@ def train(cfg: Config) -> dict:
                 output_dir / "best",
             )
         if accelerator.is_main_process:
-            (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            write_whole(output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
             if last_predictions is not None:
                 save_predictions(output_dir, last_predictions.labels, last_predictions.probs, label_names)
             if cfg.log.plots:

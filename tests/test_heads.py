@@ -389,6 +389,22 @@ def test_early_stopping_that_cannot_fire_is_said(tmp_path):
     assert "train.early_stopping_patience=2 never fires" in result.stderr + result.stdout
 
 
+def test_a_run_that_took_all_its_steps_did_not_stop_early(tmp_path):
+    # The target is reached at the last validation, after the last step: nothing was cut short.
+    out = tmp_path / "whole"
+    result = run_cli(
+        "train",
+        *TINY,
+        "train.max_steps=4",
+        "train.eval_every_steps=4",
+        "train.early_stopping_target=0.0",
+        f"output_dir={out}",
+    )
+    summary = read_summary(out)
+    assert summary["global_step"] == 4 and summary["stopped_early"] is None
+    assert "early stop" not in result.stderr + result.stdout
+
+
 def test_loading_says_what_is_new_in_a_line_not_transformers_table(tmp_path, caplog, capfd):
     """A fresh head is news in one line; encoder weights a checkpoint lacks (they start
     random) are a warning naming them; transformers' colour-coded load report is not printed."""

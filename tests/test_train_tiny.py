@@ -327,6 +327,31 @@ def test_evaluate_draws_the_confusion_matrix_and_roc_of_a_file(tiny_run: Path, t
         "evaluate", "--model", str(tiny_run / "final"), "--data", str(heldout), "--plots", str(heldout), check=False
     )
     assert not_a_folder.returncode == 2 and "a file, not a folder" in not_a_folder.stderr
+    # One class has no ROC: the ROC an earlier call drew into the folder goes, not stays to mislead.
+    one_class = tmp_path / "one_class.csv"
+    one_class.write_text("text,label\nreview 1 was great,positive\nreview 2 was fine,positive\n")
+    report = json.loads(
+        run_cli("evaluate", "--model", str(tiny_run / "final"), "--data", str(one_class), "--plots", str(plots)).stdout
+    )
+    assert report["plots"] == [str(plots / "confusion_matrix.png")] and not (plots / "roc.png").exists()
+
+
+def test_a_model_with_non_finite_outputs_is_refused_not_scored(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "nan_model"
+    shutil.copytree(tiny_run / "final", broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights = {k: torch.full_like(v, float("nan")) if k.startswith("classifier.") else v for k, v in weights.items()}
+    save_file(weights, str(broken / "model.safetensors"))
+    heldout = tmp_path / "heldout.csv"
+    heldout.write_text("text,label\nwhat a great film,positive\ndull and long,negative\n")
+    for command in (["evaluate", "--data", str(heldout)], ["predict", "what a great film"]):
+        refused = run_cli(command[0], "--model", str(broken), *command[1:], check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert f"--model {broken} scored" in refused.stderr and "NaN or infinite" in refused.stderr
 
 
 def test_tiny_bert_is_small(tiny_run: Path):
