@@ -34,7 +34,6 @@ import argparse
 import datetime
 import functools
 import json
-import math
 import os
 import platform
 import shlex
@@ -199,10 +198,12 @@ def load_workload(overrides: list[str]):
     return cfg, splits, tokenizer, train_set, eval_set
 
 
-def total_optimizer_steps(cfg, num_train: int) -> tuple[int, int]:
+def step_counts(cfg, num_train: int) -> tuple[int, int]:
     """(steps per epoch, total steps) as distsent computes them for one process."""
+    from distsent.optim import total_optimizer_steps
+
     steps_per_epoch = num_train // (cfg.train.batch_size * cfg.train.grad_accum_steps)
-    return steps_per_epoch, cfg.train.max_steps or math.ceil(cfg.train.epochs * steps_per_epoch)
+    return steps_per_epoch, total_optimizer_steps(cfg.train, steps_per_epoch)
 
 
 def validation_accuracy(model, eval_set, pad_token_id: int) -> float:
@@ -400,7 +401,7 @@ def distsent_batches(cfg, train_lengths: list[int], packed=None) -> tuple[list[i
         seed=cfg.train.seed,
         length_grouping=cfg.train.length_grouping,
     )
-    _, total = total_optimizer_steps(cfg, len(train_lengths))
+    _, total = step_counts(cfg, len(train_lengths))
     real, padded, longest = [], [], []
     step, epoch = 0, 0
     while step < total:
@@ -435,7 +436,7 @@ def trainer_worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     settings = TRAINER_SETTINGS[args.worker]
     cfg, splits, tokenizer, train_set, eval_set = load_workload(shared_overrides(args))
-    steps_per_epoch, total_steps = total_optimizer_steps(cfg, len(train_set))
+    steps_per_epoch, total_steps = step_counts(cfg, len(train_set))
     # distsent seeds, then builds the model: the same classifier-head initialisation here.
     set_seed(cfg.train.seed)
     model = build_model(cfg.model, splits.label_names, len(tokenizer))
@@ -709,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         "weight_decay": cfg.train.weight_decay,
         "max_grad_norm": cfg.train.max_grad_norm,
         "seed": cfg.train.seed,
-        "optimizer_steps": total_optimizer_steps(cfg, len(train_set))[1],
+        "optimizer_steps": step_counts(cfg, len(train_set))[1],
         "threads": args.threads,
     }
 

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 # Only the light modules at import time: `train` may re-execute itself before torch is loaded.
@@ -88,10 +89,10 @@ def _predict(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"{', '.join(given)}: {shown} is one text per line, without columns")
     named_file = Path(args.file) if args.file and args.file != STDIN else None
-    if args.output:
-        _check_output(Path(args.output), "--output", named_file, "--file")
     if named_file:
         _require_file(named_file, "--file")
+    if args.output:
+        _check_output(Path(args.output), f"--output {args.output}", named_file, "--file")
     predictor = Predictor(args.model)
     texts, ids = list(args.texts), None
     if args.file:
@@ -162,7 +163,15 @@ def _shown_input(path: Path) -> str:
 def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list | None]:
     """Texts from a .txt file (one per line) or the text column of a CSV/TSV/JSON/JSONL/Parquet
     file, and with `id_column` each row's value in that column, to carry into its prediction."""
-    from distsent.data import PREDICT_FLAGS, BadRows, DataError, has_undecodable, physical_lines, read_file
+    from distsent.data import (
+        PREDICT_FLAGS,
+        UNDECODABLE_TEXT,
+        BadRows,
+        DataError,
+        has_undecodable,
+        physical_lines,
+        read_file,
+    )
 
     if _is_lines(path):
         # _predict has checked that a named file is there.
@@ -186,7 +195,7 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
         if not isinstance(text, str):
             raise DataError(f"{origin}: {text!r} in the text column (--text-column {cfg.text_column}) is not text")
         if has_undecodable(text):
-            raise DataError(f"{origin}: undecodable bytes in the text column: not UTF-8 text")
+            raise DataError(f"{origin}: {UNDECODABLE_TEXT}")
         if id_column and (row_id is None or str(row_id).strip() == ""):
             raise DataError(f"{origin}: no id in the id column (--id-column {id_column})")
     return rows.texts, rows.labels if id_column else None
@@ -197,12 +206,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from distsent.predict import Predictor
 
     data = Path(args.data)
-    # By default beside the data, which may be in a folder the user cannot write to.
-    misclassified = Path(args.misclassified or data.with_name(f"{data.stem}.misclassified.jsonl"))
-    _check_output(misclassified, "--misclassified", data, "--data")
-    if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
-        raise ConfigError(f"--plots {args.plots}: a file, not a folder to draw into")
     _require_file(data, "--data")
+    if args.misclassified:
+        misclassified = Path(args.misclassified)
+        _check_output(misclassified, f"--misclassified {misclassified}", data, "--data")
+    else:
+        # Beside the data by default, which may be in a folder the user cannot write to.
+        misclassified = data.with_name(f"{data.stem}.misclassified.jsonl")
+        _check_output(misclassified, f"{misclassified} (misclassified rows; --misclassified puts them elsewhere)")
+    if args.plots:
+        if Path(args.plots).exists() and not Path(args.plots).is_dir():
+            raise ConfigError(f"--plots {args.plots}: a file, not a folder to draw into")
+        _check_writable_folder(Path(args.plots).absolute(), f"--plots {args.plots}")
     predictor = Predictor(args.model)
     settings = _file_settings(predictor.data, data, args, "--data")
     cfg = dataclasses.replace(settings, bad_rows=args.bad_rows or settings.bad_rows)
@@ -219,18 +234,28 @@ def _require_file(path: Path, flag: str) -> None:
         raise DataError(f"{flag} {path}: file not found" if not path.exists() else f"{flag} {path}: not a file")
 
 
-def _check_output(output: Path, output_flag: str, source: Path | None, source_flag: str) -> None:
+def _check_output(output: Path, shown: str, source: Path | None = None, source_flag: str = "") -> None:
     """Before the model loads: a results file that cannot be written, or that would replace the
-    file the results come from, is refused, not found out after the whole pass."""
+    file the results come from, is refused, not found out after the whole pass. `shown` names
+    it in messages (`--output out.jsonl`)."""
     if output.is_dir():
-        raise ConfigError(f"{output_flag} {output}: a folder, not a file to write")
-    existing = next(parent for parent in output.absolute().parents if parent.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"{output_flag} {output}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"{output_flag} {output}: cannot write into {existing}; give a path elsewhere")
+        raise ConfigError(f"{shown}: a folder, not a file to write")
+    _check_writable_folder(output.absolute().parent, shown)
     if source is not None and output.exists() and source.exists() and output.resolve() == source.resolve():
-        raise ConfigError(f"{output_flag} {output} is the {source_flag} file; writing there would replace it")
+        raise ConfigError(f"{shown} is the {source_flag} file; writing there would replace it")
+
+
+def _check_writable_folder(folder: Path, shown: str) -> None:
+    """`folder` is, or can be made, a folder this process writes into. Tried by writing, not
+    by permission bits, which say nothing of a read-only mount to root, nor of ACLs."""
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{shown}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{shown}: cannot write into {existing} ({error.strerror}); give a path elsewhere") from None
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -361,18 +386,19 @@ def _configure_logging(rank: int) -> None:
 
 
 def _route_library_logs_through_root() -> None:
-    """transformers and huggingface_hub each give their root logger a handler of their own.
-    huggingface_hub's also propagates, so every Hub retry warning was printed twice;
-    transformers' printed in its own format. One handler, the root's, prints them all."""
-    from huggingface_hub.utils import logging as hub_logging
-    from transformers.utils import logging as transformers_logging
+    """transformers, huggingface_hub and datasets each give their root logger a handler of its
+    own. huggingface_hub's and datasets' also propagate, so every Hub retry warning was printed
+    twice; transformers' printed in a format of its own. The root's handler prints them all."""
+    # Imported first: each adds its handler when imported, and would add it after this.
+    import datasets.utils.logging  # noqa: F401
+    import huggingface_hub.utils.logging  # noqa: F401
+    import transformers.utils.logging  # noqa: F401
 
-    transformers_logging.disable_default_handler()
-    transformers_logging.enable_propagation()
-    hub_root = logging.getLogger("huggingface_hub")
-    for handler in list(hub_root.handlers):
-        hub_root.removeHandler(handler)
-    hub_logging.enable_propagation()
+    for library in ("transformers", "huggingface_hub", "datasets"):
+        library_root = logging.getLogger(library)
+        for handler in list(library_root.handlers):
+            library_root.removeHandler(handler)
+        library_root.propagate = True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from distsent.config import Config, save_config
+from distsent.files import fsync_path, write_whole
 from distsent.modelcard import write_model_card
 from distsent.modeling import label_names_of
 
@@ -24,14 +25,6 @@ EXPORT_DIRS = ("best", "final")
 log = logging.getLogger(__name__)
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def sync_tree(folder: Path) -> None:
     """Flush every file under `folder`, and the folder, to the disk.
 
@@ -40,8 +33,8 @@ def sync_tree(folder: Path) -> None:
     rename or marker without the data before it: a folder that looks whole with empty
     files, after the older checkpoints it replaced were pruned."""
     for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
-        _fsync(path)
-    _fsync(folder)
+        fsync_path(path)
+    fsync_path(folder)
 
 
 def _umask() -> int:
@@ -79,7 +72,7 @@ def replace_directory(staging: Path, target: Path) -> None:
         retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         target.rename(retired)
     staging.rename(target)
-    _fsync(target.parent)
+    fsync_path(target.parent)
     if retired is not None:
         shutil.rmtree(retired)
 
@@ -433,18 +426,6 @@ def _export_step(export: Path) -> int | None:
         return json.loads((export / "metrics.json").read_text())["step"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def write_whole(path: Path, text: str) -> None:
-    """`text` as UTF-8 into `path`, written beside it and renamed onto it: a kill or a full disk
-    leaves the old file or none, never a cut-off one that a later read would choke on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        staging.write_text(text, encoding="utf-8")
-        staging.replace(path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def rollback_history(output_dir: Path, step: int) -> int:

@@ -26,6 +26,9 @@ from typing import Any, Literal
 import yaml
 
 from distsent import __version__
+from distsent.files import write_whole
+
+log = logging.getLogger("distsent")
 
 
 class ConfigError(ValueError):
@@ -408,7 +411,8 @@ class TrainConfig:
         # Scores are fractions: a target of 80 (meant as 80%) would never be reached.
         highest = None if self.best_metric == "loss" else 1.0
         _check_range("train.early_stopping_target", self.early_stopping_target, 0.0, highest, allow_none=True)
-        # Each process seeds with seed + its rank, and NumPy takes seeds below 2**32.
+        # NumPy takes seeds below 2**32, and each process seeds with seed + its rank: 2**31
+        # leaves room for any number of processes.
         _check_range("train.seed", self.seed, 0, 2**31 - 1)
         if isinstance(self.class_weights, list) and any(w <= 0 for w in self.class_weights):
             raise ConfigError(f"train.class_weights must be positive, got {self.class_weights}")
@@ -716,19 +720,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with `Config.to_dict` (e.g. from an export)."""
-    cfg = Config()
-    _apply(cfg, values, "")
-    cfg.validate()
-    return cfg
-
-
-def saved_section(path: Path, section: str):
+def saved_section(path: Path, section: str) -> Any:
     """One section of a config distsent saved with a run or an export, read back. The file is
-    a record, not the user's input: keys this version of distsent does not know (a file from
-    another version) are left out with a warning, and other sections are not read at all, so
-    an export keeps loading after settings it never used are renamed."""
+    a record, not the user's input: it is not validated against today's rules (it was valid
+    when written), keys this version of distsent does not know (a file from another version)
+    are left out with a warning, and other sections are not read at all, so an export keeps
+    loading after settings it never used are renamed or tightened."""
     target = getattr(Config(), section)
     try:
         values = read_yaml(path.read_text(encoding="utf-8"))
@@ -740,19 +737,18 @@ def saved_section(path: Path, section: str):
     known = {f.name for f in dataclasses.fields(target)}
     unknown = sorted(set(stored) - known)
     if unknown:
-        logging.getLogger("distsent").warning(
+        log.warning(
             "%s: ignoring %s, unknown to distsent %s", path, ", ".join(f"{section}.{k}" for k in unknown), __version__
         )
     try:
         _apply(target, {key: value for key, value in stored.items() if key in known}, f"{section}.")
-        target.validate()
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     return target
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_whole(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _field_docs() -> dict[str, dict[str, str]]:

@@ -177,6 +177,9 @@ def _decode(raw: bytes, path: Path) -> str:
     return raw.decode("utf-8-sig", errors="surrogateescape")
 
 
+UNDECODABLE_TEXT = "undecodable bytes in the text column: not UTF-8 text"
+
+
 def has_undecodable(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
@@ -362,7 +365,7 @@ def clean_and_filter(
             bad.report(origin, f"non-text value in the text column: {text!r}")
             continue
         if has_undecodable(text):
-            bad.report(origin, "undecodable bytes in the text column: not UTF-8 text")
+            bad.report(origin, UNDECODABLE_TEXT)
             continue
         # `"text", positive` in a CSV: the label is `positive`, not ` positive`.
         label = label.strip() if isinstance(label, str) else label

@@ -65,7 +65,7 @@ single logit: {cfg.model.single_logit}).
 
 The full resolved training config is in `distsent_config.yaml`, the metrics in `metrics.json`.
 """
-    (folder / "README.md").write_text(text)
+    (folder / "README.md").write_text(text, encoding="utf-8")  # label names in any script, any locale
 
 
 def _fmt(value) -> str:

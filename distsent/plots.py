@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import auc, roc_curve  # noqa: E402
 
-from distsent.checkpoint import read_history, write_whole  # noqa: E402
+from distsent.checkpoint import read_history  # noqa: E402
+from distsent.files import write_whole  # noqa: E402
 from distsent.tracking import METRICS_FILE  # noqa: E402
 
 PREDICTIONS_FILE = "validation_predictions.json"

@@ -11,9 +11,10 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoTokenizer
 
-from distsent.checkpoint import EXPORT_CONFIG_NAME, write_whole
+from distsent.checkpoint import EXPORT_CONFIG_NAME
 from distsent.config import ConfigError, DataConfig, first_line, saved_section
 from distsent.data import TABLE_SUFFIXES, clean_text, encode_texts
+from distsent.files import write_whole
 from distsent.metrics import NonFiniteOutputs
 from distsent.modeling import label_names_of, load_classifier, probabilities, require_vocabulary
 

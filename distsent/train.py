@@ -32,7 +32,6 @@ from distsent.checkpoint import (
     save_checkpoint,
     tidy_interrupted_exports,
     tidy_interrupted_writes,
-    write_whole,
 )
 from distsent.config import Config, ConfigError, TrainConfig, save_config
 from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
@@ -47,6 +46,7 @@ from distsent.distributed import (
     wait_for_device,
 )
 from distsent.evaluate import evaluate
+from distsent.files import write_whole
 from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, NonFiniteOutputs, is_improvement, selectable_metrics
 from distsent.modeling import (
@@ -186,6 +186,16 @@ def early_stopping_reason(cfg: TrainConfig, state: TrainState) -> str | None:
     if patience is not None and state.evals_without_improvement >= patience:
         return f"{cfg.best_metric} did not improve in {patience} validation(s)"
     return None
+
+
+def divergence_advice(cfg: TrainConfig, mixed_precision: str) -> str:
+    """What to change after a run's outputs went NaN or infinite."""
+    advice = [f"lower train.lr (now {cfg.lr})"]
+    if not cfg.max_grad_norm:
+        advice.append("clip gradients (train.max_grad_norm=1.0)")
+    if mixed_precision == "fp16":
+        advice.append("train in bf16 (train.mixed_precision=bf16) where the hardware has it: fp16 overflows")
+    return ", or ".join(advice)
 
 
 def train(cfg: Config) -> dict:
@@ -407,16 +417,24 @@ def train(cfg: Config) -> dict:
 
         last_predictions = None
 
-        def score(dataset) -> tuple[dict, object]:
-            return evaluate(
-                model,
-                dataset,
-                accelerator,
-                cfg.train.eval_batch_size,
-                tokenizer.pad_token_id,
-                label_names,
-                should_stop=lambda: watcher.should_stop(accelerator),
-            )
+        def score(dataset, split: str) -> tuple[dict, object]:
+            try:
+                return evaluate(
+                    model,
+                    dataset,
+                    accelerator,
+                    cfg.train.eval_batch_size,
+                    tokenizer.pad_token_id,
+                    label_names,
+                    should_stop=lambda: watcher.should_stop(accelerator),
+                )
+            except NonFiniteOutputs as error:
+                # Every rank scored the same gathered outputs, so every rank stops here.
+                raise NonFiniteOutputs(
+                    f"{split} at step {state.global_step}: {error}. Training diverged: "
+                    f"{divergence_advice(cfg.train, accelerator.mixed_precision)}. Earlier checkpoints and "
+                    "exports are kept"
+                ) from None
 
         def as_trained() -> dict:
             """How the model of an export was trained, for its model card."""
@@ -429,19 +447,12 @@ def train(cfg: Config) -> dict:
             nonlocal last_predictions
             state.eval_pending = True
             try:
-                metrics, last_predictions = score(eval_set)
+                metrics, last_predictions = score(eval_set, "validation")
                 improved = is_improvement(cfg.train.best_metric, metrics[cfg.train.best_metric], state.best_value)
-                test_metrics = score(test_set)[0] if improved and test_set is not None else None
+                test_metrics = score(test_set, "the test split")[0] if improved and test_set is not None else None
             except Preempted as stop:
                 checkpoint_for_preemption(str(stop))
                 raise
-            except NonFiniteOutputs as error:
-                # Every rank scored the same gathered outputs, so every rank stops here.
-                raise NonFiniteOutputs(
-                    f"validation at step {state.global_step}: {error}. Training diverged; lower train.lr, keep "
-                    "train.max_grad_norm, or train in bf16 rather than fp16. Earlier checkpoints and exports "
-                    "are kept"
-                ) from None
             state.eval_pending = False
             if state.last_train_loss:  # a memorised window can log a loss of exactly 0
                 # Above 1 and growing while validation loss rises: the model is overfitting.

@@ -51,6 +51,7 @@ def test_yaml_then_overrides_win(tmp_path: Path):
         ("train.early_stopping_target=80", "train.early_stopping_target must be in [0.0, 1.0], got 80.0"),
         # Each rank seeds with seed + rank, and NumPy refuses seeds outside [0, 2**32).
         ("train.seed=-1", "train.seed must be in [0, 2147483647], got -1"),
+        ("train.seed=2147483648", "train.seed must be in [0, 2147483647], got 2147483648"),
         ("data.labels=[positive]", "data.labels lists 1 label(s) ['positive']; a classifier needs at least 2"),
         # head_tokens' default suits max_length 512; at the default 128 the message gives a value.
         (

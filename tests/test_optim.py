@@ -13,7 +13,9 @@ def test_fractional_epochs_give_the_steps_they_say(epochs: float, per_epoch: int
     assert total_optimizer_steps(TrainConfig(epochs=epochs, max_steps=9), per_epoch) == 9
 
 
-@pytest.mark.parametrize("ratio, total, steps", [(0.29, 100, 29), (0.1, 478, 47), (0.0, 10, 0), (1.0, 10, 10)])
+@pytest.mark.parametrize(
+    "ratio, total, steps", [(0.29, 100, 29), (0.07, 100, 7), (0.1, 478, 47), (0.0, 10, 0), (1.0, 10, 10)]
+)
 def test_warmup_ratio_gives_the_steps_it_says(ratio: float, total: int, steps: int):
     # 0.29 x 100 is 28.999999999999996 in floating point: one warm-up step short.
     assert warmup_steps(TrainConfig(warmup_ratio=ratio), total) == steps

@@ -473,13 +473,13 @@ def test_published_folders_reach_the_disk_before_their_rename(tmp_path, monkeypa
     target.mkdir()
     (target / "model.safetensors").write_text("old")
     synced = []
-    real_fsync = checkpoint._fsync
+    real_fsync = checkpoint.fsync_path
 
     def recording_fsync(path: Path) -> None:
         real_fsync(path)
         synced.append((path, (target / "sub").exists()))  # (what, whether the new folder is published yet)
 
-    monkeypatch.setattr(checkpoint, "_fsync", recording_fsync)
+    monkeypatch.setattr(checkpoint, "fsync_path", recording_fsync)
     expected = {staging / "model.safetensors", staging / "sub" / "optimizer.bin", staging / COMPLETE_MARKER}
     replace_directory(staging, target)
     before_publishing = {path for path, published in synced if not published}

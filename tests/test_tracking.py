@@ -220,9 +220,10 @@ def test_library_warnings_are_printed_once_in_the_run_format():
     # transformers printed in a format of its own (and twice under CI=true).
     script = (
         "import logging; from distsent.__main__ import _configure_logging; _configure_logging(0); "
-        "import huggingface_hub.utils._http, transformers.utils.logging; "
+        "import huggingface_hub.utils._http, transformers.utils.logging, datasets.load; "
         "transformers.utils.logging.get_logger('transformers.modeling_utils'); "
         "logging.getLogger('huggingface_hub.utils._http').warning('hub retry'); "
+        "logging.getLogger('datasets.load').warning('cache miss'); "
         "logging.getLogger('transformers.modeling_utils').warning('weights missing')"
     )
     env = {**cli_env(), "CI": "true"}
@@ -234,6 +235,9 @@ def test_library_warnings_are_printed_once_in_the_run_format():
     assert [line for line in lines if "hub retry" in line] == [
         "[rank0] WARNING huggingface_hub.utils._http: hub retry"
     ], result.stderr
+    assert [line for line in lines if "cache miss" in line] == ["[rank0] WARNING datasets.load: cache miss"], (
+        result.stderr
+    )
     assert [line for line in lines if "weights missing" in line] == [
         "[rank0] WARNING transformers.modeling_utils: weights missing"
     ], result.stderr

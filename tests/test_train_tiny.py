@@ -352,6 +352,16 @@ def test_a_model_with_non_finite_outputs_is_refused_not_scored(tiny_run: Path, t
         refused = run_cli(command[0], "--model", str(broken), *command[1:], check=False)
         assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
         assert f"--model {broken} scored" in refused.stderr and "NaN or infinite" in refused.stderr
+    # Training from it: every output is NaN by the first validation, which stops the run with
+    # advice instead of scoring NaN as the first class and exporting it as the best model.
+    out = tmp_path / "diverged"
+    stopped = run_cli(
+        "train", f"model.name={broken}", "train.max_steps=2", "train.max_grad_norm=0", f"output_dir={out}", check=False
+    )
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert "validation at step 2: the model scored" in stopped.stderr, stopped.stderr[-3000:]
+    assert "Training diverged: lower train.lr (now 5e-05), or clip gradients" in stopped.stderr
+    assert not (out / "best").exists() and not (out / "final").exists()
 
 
 def test_tiny_bert_is_small(tiny_run: Path):
