@@ -238,9 +238,17 @@ def _check_output(output: Path, shown: str, source: Path | None = None, source_f
     """Before the model loads: a results file that cannot be written, or that would replace the
     file the results come from, is refused, not found out after the whole pass. `shown` names
     it in messages (`--output out.jsonl`)."""
+    from distsent.files import staged_destination
+
     if output.is_dir():
         raise ConfigError(f"{shown}: a folder, not a file to write")
-    _check_writable_folder(output.absolute().parent, shown)
+    destination = staged_destination(output)
+    if destination is None:  # written into as it is (/dev/null, /dev/stdout)
+        if not os.access(output, os.W_OK):
+            raise ConfigError(f"{shown}: not writable")
+    else:
+        # Where the file is staged: beside the file a symlink names, not beside the link.
+        _check_writable_folder(destination.parent, shown)
     if source is not None and output.exists() and source.exists() and output.resolve() == source.resolve():
         raise ConfigError(f"{shown} is the {source_flag} file; writing there would replace it")
 

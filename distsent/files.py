@@ -3,10 +3,14 @@ new one, never a cut-off file that a later read (`distsent report`, a resume) ch
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+# What a killed write leaves beside its file; `tidy_staged_files` removes it.
+STAGING_INFIX = ".tmp-"
 
 
 def fsync_path(path: Path) -> None:
@@ -14,25 +18,38 @@ def fsync_path(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
+    except OSError as error:
+        # Some filesystems (FUSE mounts among them) cannot flush a folder; the rename is done.
+        if not (path.is_dir() and error.errno in (errno.EINVAL, errno.EBADF)):
+            raise
     finally:
         os.close(descriptor)
 
 
+def staged_destination(path: Path) -> Path | None:
+    """The regular file that `write_whole(path)` replaces (a symlink's target), or None where it
+    writes into `path` as it is: a device, a pipe or a file a process holds open (/dev/null,
+    /dev/stdout, /proc/self/fd/N). Renaming onto those would replace the device, or the file
+    the shell opened for `>>` with only this text."""
+    path = Path(path)
+    if str(path.absolute()).startswith(("/dev/", "/proc/")) or (path.exists() and not path.is_file()):
+        return None
+    return Path(os.path.realpath(path))  # never raises on a symlink loop, unlike Path.resolve
+
+
 def write_whole(path: Path, text: str) -> None:
     """`text` as UTF-8 (whatever the locale) into `path`: written beside it under a name of its
-    own, flushed, and renamed onto it. Through a symlink the file it names is replaced; a path
-    that is no regular file (/dev/null, a pipe) is written into as it is, since renaming onto
-    it would replace the device."""
-    path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
-    if target.exists() and not target.is_file():
-        with target.open("w", encoding="utf-8") as handle:
+    own, flushed, and renamed onto it; see `staged_destination` for what is written in place."""
+    target = staged_destination(path)
+    if target is None:
+        # Appended: reopening /dev/stdout with "w" truncates the file a shell's `>>` opened.
+        with Path(path).open("a", encoding="utf-8") as handle:
             handle.write(text)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     # A name per write: two processes writing one path (two evaluations of one held-out file)
     # must not share, and truncate, one staging file.
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    staging = target.with_name(f".{target.name}{STAGING_INFIX}{uuid.uuid4().hex[:8]}")
     try:
         with staging.open("x", encoding="utf-8") as handle:
             handle.write(text)
@@ -44,3 +61,13 @@ def write_whole(path: Path, text: str) -> None:
         fsync_path(target.parent)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def tidy_staged_files(folder: Path) -> list[str]:
+    """Remove the staging files killed writes left in `folder`; returns what was done."""
+    done = []
+    for staging in sorted(Path(folder).glob(f".*{STAGING_INFIX}*")):
+        if staging.is_file():
+            staging.unlink()
+            done.append(f"removed {staging}, left by an interrupted write")
+    return done

@@ -46,7 +46,7 @@ from distsent.distributed import (
     wait_for_device,
 )
 from distsent.evaluate import evaluate
-from distsent.files import write_whole
+from distsent.files import tidy_staged_files, write_whole
 from distsent.first_token import use_first_token_last_layer
 from distsent.metrics import LOWER_IS_BETTER, NonFiniteOutputs, is_improvement, selectable_metrics
 from distsent.modeling import (
@@ -193,8 +193,10 @@ def divergence_advice(cfg: TrainConfig, mixed_precision: str) -> str:
     advice = [f"lower train.lr (now {cfg.lr})"]
     if not cfg.max_grad_norm:
         advice.append("clip gradients (train.max_grad_norm=1.0)")
-    if mixed_precision == "fp16":
-        advice.append("train in bf16 (train.mixed_precision=bf16) where the hardware has it: fp16 overflows")
+    if cfg.mixed_precision == "fp16":
+        advice.append("train in bf16 (train.mixed_precision=bf16) where the hardware has it: fp16 can overflow")
+    elif mixed_precision == "fp16":  # auto chose it: this GPU has no bf16
+        advice.append("train in fp32 (train.mixed_precision=no): fp16 can overflow")
     return ", or ".join(advice)
 
 
@@ -228,7 +230,8 @@ def train(cfg: Config) -> dict:
             # Held before anything is tidied: another live run's half-written checkpoint is
             # not the debris of a crash.
             run_lock = lock_output_dir(output_dir)
-            for what in tidy_interrupted_writes(output_dir) + tidy_interrupted_exports(output_dir):
+            tidied = tidy_interrupted_writes(output_dir) + tidy_interrupted_exports(output_dir)
+            for what in tidied + tidy_staged_files(output_dir):
                 log.warning(what)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -429,11 +432,15 @@ def train(cfg: Config) -> dict:
                     should_stop=lambda: watcher.should_stop(accelerator),
                 )
             except NonFiniteOutputs as error:
-                # Every rank scored the same gathered outputs, so every rank stops here.
+                # Every rank scored the same gathered outputs, so every rank stops here. The
+                # test split is scored only after a finite validation: no sign of divergence.
+                cause = (
+                    f"Training diverged: {divergence_advice(cfg.train, accelerator.mixed_precision)}"
+                    if split == "validation"
+                    else "Validation was finite: look at what sets the test texts apart"
+                )
                 raise NonFiniteOutputs(
-                    f"{split} at step {state.global_step}: {error}. Training diverged: "
-                    f"{divergence_advice(cfg.train, accelerator.mixed_precision)}. Earlier checkpoints and "
-                    "exports are kept"
+                    f"{split} at step {state.global_step}: {error}. {cause}. Earlier checkpoints and exports are kept"
                 ) from None
 
         def as_trained() -> dict:
