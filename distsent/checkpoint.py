@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from distsent.config import Config, save_config
-from distsent.files import fsync_path, write_whole
+from distsent.files import STAGING_INFIX, fsync_path, staging_sibling, write_whole
 from distsent.modelcard import write_model_card
 from distsent.modeling import label_names_of
 
@@ -83,7 +83,7 @@ def tidy_interrupted_exports(output_dir: Path, names: tuple[str, ...] = EXPORT_D
     done = []
     for name in names:
         target = Path(output_dir) / name
-        for staging in sorted(Path(output_dir).glob(f".{name}.tmp-*")):
+        for staging in sorted(Path(output_dir).glob(f".{name}{STAGING_INFIX}*")):
             shutil.rmtree(staging, ignore_errors=True)
             done.append(f"removed {staging}, left by an interrupted export")
         for retired in sorted(Path(output_dir).glob(f".{name}.old-*")):
@@ -109,11 +109,6 @@ def record_fp32(export: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def staging_dir(target: Path) -> Path:
-    """A hidden sibling folder to write into before `replace_directory`."""
-    return target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
 def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, target: Path, training: dict) -> None:
     """Write `target` as a folder transformers loads: model.safetensors, config.json, tokenizer,
     plus the resolved distsent config, the metrics and a model card (`training`: see
@@ -127,7 +122,7 @@ def export_model(accelerator, model, tokenizer, cfg: Config, metrics: dict, targ
             name.replace("_orig_mod.", ""): tensor.float() if tensor.is_floating_point() else tensor
             for name, tensor in state_dict.items()
         }
-        staging = staging_dir(target)
+        staging = staging_sibling(target)
         staging.parent.mkdir(parents=True, exist_ok=True)
         try:
             unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -414,7 +409,7 @@ def carry_best_export(checkpoint: Path, output_dir: Path, best_step: int) -> str
             f"{target} is missing: best/ of step {best_step}, which this checkpoint records as its best, "
             f"is not in {source} any more; a best/ is exported here only when a later validation beats it"
         )
-    staging = staging_dir(target)
+    staging = staging_sibling(target)
     shutil.copytree(source / "best", staging)
     replace_directory(staging, target)
     return f"resumed into a new folder: copied {source / 'best'} (step {best_step}) to {target}"

@@ -9,8 +9,14 @@ import shutil
 import uuid
 from pathlib import Path
 
-# What a killed write leaves beside its file; `tidy_staged_files` removes it.
+# What a killed write leaves beside its file or folder; `tidy_staged_files` removes files.
 STAGING_INFIX = ".tmp-"
+
+
+def staging_sibling(target: Path) -> Path:
+    """A hidden sibling of `target` to write into before renaming onto it: a name per call, so
+    two writers of one path (two evaluations of one held-out file) never share one."""
+    return target.with_name(f".{target.name}{STAGING_INFIX}{uuid.uuid4().hex[:8]}")
 
 
 def fsync_path(path: Path) -> None:
@@ -47,9 +53,7 @@ def write_whole(path: Path, text: str) -> None:
             handle.write(text)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A name per write: two processes writing one path (two evaluations of one held-out file)
-    # must not share, and truncate, one staging file.
-    staging = target.with_name(f".{target.name}{STAGING_INFIX}{uuid.uuid4().hex[:8]}")
+    staging = staging_sibling(target)
     try:
         with staging.open("x", encoding="utf-8") as handle:
             handle.write(text)
