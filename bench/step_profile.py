@@ -65,7 +65,7 @@ class TrainingStep:
         self.model = build_model(self.cfg.model, ["negative", "positive"], len(tokenizer))
         first_token_only = self.cfg.model.last_layer_cls_only and use_first_token_last_layer(self.model)
         use_cpu_dropout(self.model)
-        collate = training_collator(self.model, tokenizer.pad_token_id, self.cfg.train, first_token_only)
+        collate = training_collator(self.model, tokenizer.pad_token_id, self.cfg.train, first_token_only, on_cpu=True)
         self.model.train()
         self.optimizer = build_optimizer(self.cfg.train, self.model, fused=True)
         self.loss_of = classification_loss

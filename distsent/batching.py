@@ -129,11 +129,30 @@ class PadCollator:
         return "padded to the longest text"
 
 
-def packs(lengths: Sequence[int], min_padding: float | None) -> bool:
-    """Whether a batch of texts of these lengths is packed: where padding them would exceed
-    `min_padding` of the padded positions; always where `min_padding` is None."""
+def packs(lengths: Sequence[int], min_padding: float | None, packed_positions: int | None = None) -> bool:
+    """Whether a batch of texts of these lengths is packed: where padding them would add more
+    than `min_padding` of the padded positions to the packed row's (`packed_positions`, the
+    texts' total unless filled up to a bucketed length); always where `min_padding` is None."""
     positions = max(lengths) * len(lengths)
-    return min_padding is None or positions - sum(lengths) > min_padding * positions
+    packed_positions = sum(lengths) if packed_positions is None else packed_positions
+    return min_padding is None or positions - packed_positions > min_padding * positions
+
+
+# A bucket holds 16 lengths per doubling, none below this: AMX tiles and vector registers take
+# 16 rows, and rows of 16 fill them.
+BUCKET_STEP_MIN = 16
+
+
+def bucketed_length(tokens: int) -> int:
+    """`tokens` rounded up to one of 16 lengths per doubling (multiples of 16 below 512, of 32
+    up to 1,024, ...): at most 1/16 more.
+
+    On CPU, oneDNN builds a kernel for each new shape of a matrix product and keeps the last
+    1,024 it built. Packed rows have a new length nearly every step, and building the dozen
+    kernels of a step cost MiniLM-L6 ~30 ms of a ~200 ms step on 2 cores (bench/RESULTS.md);
+    bucketed, a run has a few dozen lengths and builds each one's kernels once."""
+    step = max(BUCKET_STEP_MIN, 1 << max(tokens.bit_length() - 5, 0))
+    return -(-tokens // step) * step
 
 
 class PackingCollator:
@@ -142,24 +161,44 @@ class PackingCollator:
     per layer, which cost more than a little padding (bench/RESULTS.md).
 
     `position_offset` is where the model's position ids start: 0 for BERT and ELECTRA,
-    padding index + 1 for RoBERTa and its kin, as their embeddings count."""
+    padding index + 1 for RoBERTa and its kin, as their embeddings count.
 
-    def __init__(self, pad_token_id: int, position_offset: int, min_padding: float | None) -> None:
+    `bucket_lengths` fills each packed row up to its `bucketed_length` with filler tokens after
+    the last text. They belong to no text: `cu_seq_lens` ends before them, attention keeps them
+    out of every text's keys (packing.py), no classifier reads them, and so their gradients
+    are zero."""
+
+    def __init__(
+        self, pad_token_id: int, position_offset: int, min_padding: float | None, bucket_lengths: bool = False
+    ) -> None:
         self.pad = PadCollator(pad_token_id)
+        self.pad_token_id = pad_token_id
         self.position_offset = position_offset
         self.min_padding = min_padding
+        self.bucket_lengths = bucket_lengths
 
     def describe(self) -> str:
         if self.min_padding is None:
-            return "packed (train.unpad)"
-        return f"packed where over {self.min_padding:.1%} would be padding, else padded (train.unpad)"
+            text = "packed (train.unpad)"
+        else:
+            text = f"packed where over {self.min_padding:.1%} would be padding, else padded (train.unpad)"
+        return text + (", packed rows filled up to bucketed lengths" if self.bucket_lengths else "")
 
     def __call__(self, examples: list[dict]) -> dict:
         lengths = [len(e["input_ids"]) for e in examples]
-        if not packs(lengths, self.min_padding):
+        row_length = bucketed_length(sum(lengths)) if self.bucket_lengths else sum(lengths)
+        if not packs(lengths, self.min_padding, row_length):
             return self.pad(examples)
-        input_ids = torch.cat([torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples])
-        positions = torch.cat([torch.arange(n) for n in lengths]) + self.position_offset
+        filler = row_length - sum(lengths)
+        input_ids = torch.cat(
+            [
+                *(torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples),
+                torch.full((filler,), self.pad_token_id, dtype=torch.long),
+            ]
+        )
+        # Filler tokens take a text's first position: any position the model has would do.
+        positions = torch.cat([*(torch.arange(n) for n in lengths), torch.zeros(filler, dtype=torch.long)])
+        positions += self.position_offset
         cumulative = torch.zeros(len(examples) + 1, dtype=torch.int32)
         torch.cumsum(torch.as_tensor(lengths), dim=0, out=cumulative[1:])
         return {

@@ -384,14 +384,19 @@ class PooledClassifier(torch.nn.Module):
     def _forward_packed(self, input_ids: torch.Tensor, **packed) -> SequenceClassifierOutput:
         """The mean head on one packed row of texts: each text's mean over its own tokens."""
         states = self.encoder(input_ids=input_ids, **packed).last_hidden_state[0]  # [tokens, hidden]
-        lengths = packed["cu_seq_lens_k"].diff()
+        cumulative = packed["cu_seq_lens_k"]
+        lengths = cumulative.diff()
+        texts = lengths.numel()
+        # Filler tokens after the last text (batching.bucketed_length) are summed as one more
+        # text and dropped; counted on the device, as reading the count from a GPU would wait.
+        segments = torch.cat([lengths, states.size(0) - cumulative[-1:]])
         text_of_token = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=states.device), lengths, output_size=states.size(0)
+            torch.arange(texts + 1, device=states.device), segments, output_size=states.size(0)
         )
         # Summed in fp32 and rounded once, as the padded path's sum over a bf16 tensor is.
-        sums = states.new_zeros(lengths.numel(), states.size(1), dtype=torch.float32)
+        sums = states.new_zeros(texts + 1, states.size(1), dtype=torch.float32)
         sums.index_add_(0, text_of_token, states.float())
-        features = (sums / lengths.unsqueeze(1)).to(states.dtype)
+        features = (sums[:texts] / lengths.unsqueeze(1)).to(states.dtype)
         return SequenceClassifierOutput(logits=self.classifier(self.dropout(features)))
 
     def save_pretrained(self, directory, state_dict: dict | None = None, **kwargs) -> None:

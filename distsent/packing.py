@@ -14,6 +14,10 @@ eager, distsent's CPU training attention) are wrapped by `packed_attention`, whi
 queries, keys and values into a [texts, heads, longest, head size] block with a padding mask
 and gathers the output back: four index copies per layer for the token-wise work saved.
 
+On CPU a packed row is filled up to a bucketed length (batching.bucketed_length) with filler
+tokens after the last text, so that matrix products see few shapes. `cu_seq_lens` ends before
+the filler; the wrapped kernels leave it out of every text's keys.
+
 The classifier must read each text out of the packed row: the `cls` head's [CLS]-only last
 layer (first_token.py) picks each text's first token, and the `mean` head averages each text's
 tokens. Other classifiers (the CNN head; the `cls` head of a model without that last layer)
@@ -44,16 +48,20 @@ WRAPPER_PREFIX = "distsent_packed_"
 WRAPPED_MIN_PADDING = 0.02
 
 
-def use_packing(model: nn.Module, pad_token_id: int, min_padding: float | None) -> PackingCollator:
+def use_packing(
+    model: nn.Module, pad_token_id: int, min_padding: float | None, on_cpu: bool = False
+) -> PackingCollator:
     """Let `model` (see `reads_packed_batches`) train on packed batches; returns their collator.
 
     `min_padding` (train.unpad_min_padding): the padding fraction above which a batch is
     packed; None: every batch with FlashAttention, which reads packed inputs natively and so
-    never pays for a mask, else WRAPPED_MIN_PADDING."""
-    if min_padding is None and model.config._attn_implementation not in NATIVELY_PACKED:
+    never pays for a mask, else WRAPPED_MIN_PADDING. `on_cpu`: packed rows are filled up to
+    bucketed lengths, for the wrapped kernels only (FlashAttention would not skip the filler)."""
+    wrapped = model.config._attn_implementation not in NATIVELY_PACKED
+    if min_padding is None and wrapped:
         min_padding = WRAPPED_MIN_PADDING
     use_packed_attention(model)
-    return PackingCollator(pad_token_id, packed_position_offset(model), min_padding)
+    return PackingCollator(pad_token_id, packed_position_offset(model), min_padding, bucket_lengths=on_cpu and wrapped)
 
 
 # Encoders (under a distsent head) whose every layer attends through transformers' attention
@@ -73,12 +81,12 @@ def reads_packed_batches(model: nn.Module, first_token_only: bool) -> bool:
 
 
 def training_collator(
-    model: nn.Module, pad_token_id: int, train_cfg: TrainConfig, first_token_only: bool
+    model: nn.Module, pad_token_id: int, train_cfg: TrainConfig, first_token_only: bool, on_cpu: bool
 ) -> PackingCollator | PadCollator:
     """The collator of `model`'s training batches in `distsent train` (and bench/step_profile.py):
     packing where train.unpad is on and the model reads packed batches, else padding."""
     if train_cfg.unpad and reads_packed_batches(model, first_token_only):
-        return use_packing(model, pad_token_id, train_cfg.unpad_min_padding)
+        return use_packing(model, pad_token_id, train_cfg.unpad_min_padding, on_cpu)
     return PadCollator(pad_token_id)
 
 
@@ -102,9 +110,9 @@ def model_inputs(batch: dict) -> dict:
     }
 
 
-def real_tokens(batch: dict) -> torch.Tensor | int:
-    """The batch's non-padding tokens."""
-    return batch["input_ids"].numel() if is_packed(batch) else batch["attention_mask"].sum()
+def real_tokens(batch: dict) -> torch.Tensor:
+    """The batch's tokens of texts: neither padding nor a packed row's filler."""
+    return batch["cu_seq_lens"][-1] if is_packed(batch) else batch["attention_mask"].sum()
 
 
 def _transformers_model(model: nn.Module) -> PreTrainedModel:
@@ -171,9 +179,12 @@ def packed_attention(module, query, key, value, attention_mask, *, kernel: str, 
         layout.mask,
         **kwargs,
     )
-    # [texts, longest, heads, head size] back to [1, tokens, heads, head size].
+    # [texts, longest, heads, head size] back to [1, tokens, heads, head size]. Filler tokens
+    # take the block's last row: any finite output serves, as nothing reads theirs.
     rows = output.reshape(-1, *output.shape[2:])
-    return (rows if query_slots is None else rows.index_select(0, query_slots)).unsqueeze(0), None
+    if query_slots is None:
+        return rows.unsqueeze(0), None
+    return rows.index_select(0, query_slots.clamp(max=rows.size(0) - 1)).unsqueeze(0), None
 
 
 class _KeyLayout(NamedTuple):
@@ -205,16 +216,19 @@ def _key_layout(cumulative: torch.Tensor, longest: int, tokens: int, dtype: torc
 
 
 def _padded_slots(cumulative: torch.Tensor, longest: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each packed token's row in a [texts x longest] padded block, and where the block holds tokens."""
+    """Each packed token's row in a [texts x longest] padded block, and where the block holds
+    tokens. Filler tokens after the last text get row texts x longest, one past the block."""
     lengths = cumulative.diff()
     present = torch.arange(longest, device=cumulative.device) < lengths[:, None]
     # nonzero_static: the count is known here, so CUDA need not wait to learn it.
-    return torch.nonzero_static(present.flatten(), size=tokens).squeeze(1), present
+    slots = torch.nonzero_static(present.flatten(), size=tokens, fill_value=present.numel())
+    return slots.squeeze(1), present
 
 
 def _to_padded(packed: torch.Tensor, slots: torch.Tensor, texts: int, longest: int) -> torch.Tensor:
     """[1, heads, tokens, head size] to [texts, heads, longest, head size], zeros at padding."""
     heads, head_size = packed.size(1), packed.size(3)
     rows = packed[0].transpose(0, 1)  # [tokens, heads, head size]
-    padded = rows.new_zeros(texts * longest, heads, head_size).index_copy(0, slots, rows)
-    return padded.view(texts, longest, heads, head_size).transpose(1, 2)
+    # One row more, where filler tokens land and are dropped.
+    padded = rows.new_zeros(texts * longest + 1, heads, head_size).index_copy(0, slots, rows)
+    return padded[:-1].view(texts, longest, heads, head_size).transpose(1, 2)

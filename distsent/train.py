@@ -293,7 +293,7 @@ def train(cfg: Config) -> dict:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
         # After the CPU attention is chosen: packing wraps whichever kernel it is.
-        collator = training_collator(model, tokenizer.pad_token_id, cfg.train, first_token_only)
+        collator = training_collator(model, tokenizer.pad_token_id, cfg.train, first_token_only, on_cpu)
         packed = isinstance(collator, PackingCollator)
         trainable, frozen = parameter_counts(model)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.

@@ -1,6 +1,7 @@
 """Packed (unpadded) batches give the padded model's logits and gradients (the `cls` head with its
-[CLS]-only last layer, and the `mean` head), texts in one packed row never see each other, and
-the collator packs only the batches where packing pays."""
+[CLS]-only last layer, and the `mean` head), with or without filler up to a bucketed length;
+texts in one packed row never see each other, and the collator packs only the batches where
+packing pays."""
 
 import copy
 import itertools
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from distsent import packing
-from distsent.batching import PackingCollator, PadCollator, packs
+from distsent.batching import PackingCollator, PadCollator, bucketed_length, packs
 from distsent.cpu_training import use_cpu_dropout
 from distsent.first_token import use_first_token_last_layer
 from distsent.modeling import PooledClassifier
@@ -44,19 +45,24 @@ def packed_copy(model, cpu_attention: bool = False):
     return packed
 
 
-def pack(model, batch: list[dict]) -> dict:
-    collate = PackingCollator(model.config.pad_token_id, packed_position_offset(model), min_padding=0.0)
+def pack(model, batch: list[dict], bucket_lengths: bool = False) -> dict:
+    collate = PackingCollator(
+        model.config.pad_token_id, packed_position_offset(model), min_padding=0.0, bucket_lengths=bucket_lengths
+    )
     packed = collate(batch)
     assert "cu_seq_lens" in packed
     return packed
 
 
-def assert_packed_matches_padded(padded_model, packed_model) -> None:
+def assert_packed_matches_padded(padded_model, packed_model, bucket_lengths: bool = False) -> None:
     """The same texts, padded through one model and packed through its packing copy: logits
     and every parameter's gradient within 1e-6."""
     batch = examples()
     expected = padded_model(**model_inputs(PadCollator(padded_model.config.pad_token_id)(batch))).logits
-    logits = packed_model(**model_inputs(pack(packed_model, batch))).logits
+    packed = pack(packed_model, batch, bucket_lengths)
+    # LENGTHS total 29 tokens: bucketed, the row is 32, three of them filler.
+    assert packed["input_ids"].size(1) == (32 if bucket_lengths else sum(LENGTHS))
+    logits = packed_model(**model_inputs(packed)).logits
     assert logits.shape == expected.shape == (len(LENGTHS), 3)
     assert torch.allclose(logits, expected, atol=1e-6), (logits - expected).abs().max()
     expected.square().sum().backward()
@@ -68,12 +74,13 @@ def assert_packed_matches_padded(padded_model, packed_model) -> None:
             assert torch.allclose(parameter.grad, reference.grad, atol=1e-6), name
 
 
+@pytest.mark.parametrize("bucket_lengths", [False, True], ids=["exact", "bucketed"])
 @pytest.mark.parametrize("kernel", ["sdpa", "eager", "cpu_training"])
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "camembert", "electra"])
-def test_packed_logits_and_gradients_match_padded(model_type, kernel):
+def test_packed_logits_and_gradients_match_padded(model_type, kernel, bucket_lengths):
     padded_model = tiny_classifier(model_type, "sdpa" if kernel == "cpu_training" else kernel).eval()
     packed_model = packed_copy(padded_model, cpu_attention=kernel == "cpu_training")
-    assert_packed_matches_padded(padded_model, packed_model)
+    assert_packed_matches_padded(padded_model, packed_model, bucket_lengths)
 
 
 def test_padded_batches_still_work_after_packing_is_enabled():
@@ -113,6 +120,43 @@ def test_collator_packs_only_batches_with_more_padding_than_the_threshold():
     assert batch["max_length"] == 5
     assert batch["labels"].tolist() == [0, 1, 2]
     assert packing.real_tokens(batch) == 10
+
+
+def test_bucketed_lengths_add_under_a_sixteenth_and_take_few_values():
+    for tokens in range(1, 20_000):
+        bucketed = bucketed_length(tokens)
+        assert bucketed % 16 == 0 and tokens <= bucketed < tokens + max(16, tokens / 16), tokens
+    # 16 lengths per doubling: the packed rows of a long run take a few dozen shapes.
+    assert len({bucketed_length(n) for n in range(513, 1025)}) == 16
+    assert len({bucketed_length(n) for n in range(100, 5000)}) <= 16 * 6
+
+
+def test_collator_fills_packed_rows_up_to_the_bucketed_length_with_filler_of_no_text():
+    collate = PackingCollator(pad_token_id=1, position_offset=2, min_padding=None, bucket_lengths=True)
+    batch = collate(examples([3, 5, 2]))
+    assert batch["input_ids"].shape == (1, 16)
+    assert batch["input_ids"][0, 10:].tolist() == [1] * 6
+    assert batch["position_ids"].tolist() == [[2, 3, 4, 2, 3, 4, 5, 6, 2, 3] + [2] * 6]
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 8, 10]  # the texts end where the filler starts
+    assert packing.real_tokens(batch) == 10
+    # Packing is chosen by the positions actually run: 15 padded against 16 packed here, and
+    # 40 padded against 48 (36 tokens bucketed) below.
+    assert "attention_mask" in PackingCollator(1, 2, min_padding=0.0, bucket_lengths=True)(examples([3, 5, 2]))
+    assert bucketed_length(36) == 48
+    assert not packs([10, 10, 10, 6], 0.0, packed_positions=48)
+    assert bucketed_length(64) == 64  # 80 padded against 64 packed: 20% saved
+    assert packs([20, 20, 20, 4], 0.1, packed_positions=64)
+    assert not packs([20, 20, 20, 4], 0.25, packed_positions=64)
+
+
+
+def test_filler_is_bucketed_on_cpu_for_wrapped_kernels_only():
+    assert use_packing(tiny_classifier("bert"), 0, None, on_cpu=True).bucket_lengths
+    assert not use_packing(tiny_classifier("bert"), 0, None, on_cpu=False).bucket_lengths
+    flash = tiny_classifier("bert")
+    flash.config._attn_implementation = "flash_attention_2"
+    # FlashAttention's varlen kernels would leave the filler's outputs unwritten.
+    assert not use_packing(flash, 0, None, on_cpu=True).bucket_lengths
 
 
 def test_position_ids_start_where_each_architecture_counts_from():
@@ -201,16 +245,17 @@ def tiny_pooled_classifier(model_type: str, head: str, attn_implementation: str 
     return PooledClassifier(AutoModel.from_config(config), head, num_outputs=3, dropout=0.0)
 
 
+@pytest.mark.parametrize("bucket_lengths", [False, True], ids=["exact", "bucketed"])
 @pytest.mark.parametrize("kernel", ["sdpa", "eager", "cpu_training"])
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
-def test_mean_head_on_packed_batches_matches_padded(model_type, kernel):
+def test_mean_head_on_packed_batches_matches_padded(model_type, kernel, bucket_lengths):
     padded_model = tiny_pooled_classifier(model_type, "mean", "sdpa" if kernel == "cpu_training" else kernel).eval()
     packed_model = copy.deepcopy(padded_model)
     assert reads_packed_batches(packed_model, first_token_only=False)
     if kernel == "cpu_training":
         use_cpu_dropout(packed_model)
     use_packed_attention(packed_model)
-    assert_packed_matches_padded(padded_model, packed_model)
+    assert_packed_matches_padded(padded_model, packed_model, bucket_lengths)
 
 
 def test_mean_head_averages_each_text_of_a_packed_row_over_its_own_tokens():
