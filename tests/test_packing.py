@@ -149,7 +149,6 @@ def test_collator_fills_packed_rows_up_to_the_bucketed_length_with_filler_of_no_
     assert not packs([20, 20, 20, 4], 0.25, packed_positions=64)
 
 
-
 def test_filler_is_bucketed_on_cpu_for_wrapped_kernels_only():
     assert use_packing(tiny_classifier("bert"), 0, None, on_cpu=True).bucket_lengths
     assert not use_packing(tiny_classifier("bert"), 0, None, on_cpu=False).bucket_lengths
