@@ -386,10 +386,11 @@ def batch_statistics(lengths: list[int], padded: list[int]) -> dict:
     }
 
 
-def distsent_batches(cfg, train_lengths: list[int], packed=None) -> tuple[list[int], list[int], list[int]]:
+def distsent_batches(cfg, train_lengths: list[int], packed_row=None) -> tuple[list[int], list[int], list[int]]:
     """The micro-batches distsent trains on (its own TrainBatchPlan, one process):
-    (real tokens, padded tokens, padded length) per micro-batch. `packed(lengths)` says which
-    batches distsent packed; their token-wise work has no padding (attention's still has)."""
+    (real tokens, padded tokens, padded length) per micro-batch. `packed_row(lengths)` gives
+    the length of the packed row distsent ran a batch as, filler included, or None where it
+    padded the batch; a packed row's token-wise work has no padding (attention's still has)."""
     from distsent.batching import TrainBatchPlan
 
     plan = TrainBatchPlan(
@@ -409,13 +410,23 @@ def distsent_batches(cfg, train_lengths: list[int], packed=None) -> tuple[list[i
             sizes = [train_lengths[i] for i in batch]
             real.append(sum(sizes))
             longest.append(max(sizes))
-            padded.append(sum(sizes) if packed and packed(sizes) else max(sizes) * len(sizes))
+            row = packed_row(sizes) if packed_row else None
+            padded.append(max(sizes) * len(sizes) if row is None else row)
             if (index + 1) % cfg.train.grad_accum_steps == 0:
                 step += 1
                 if step >= total:
                     break
         epoch += 1
     return real, padded, longest
+
+
+def distsent_packed_row(lengths: list[int], min_padding: float | None, bucketed: bool) -> int | None:
+    """The packed row distsent's PackingCollator makes of texts of these lengths (filled up to
+    the bucketed length where it was told to), or None where it pads them."""
+    from distsent.batching import bucketed_length, packs
+
+    row = bucketed_length(sum(lengths)) if bucketed else sum(lengths)
+    return row if packs(lengths, min_padding, row) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,14 +575,14 @@ def run_distsent(args: argparse.Namespace, workdir: Path, train_lengths: list[in
             f"distsent's summary says train_seconds={summary['train_seconds']} but the whole process ran {wall:.1f} s: "
             "its training clock is broken, its tokens/s cannot be trusted"
         )
-    packed = None
+    packed_row = None
     if summary["unpadded"]:
-        from distsent.batching import packs
-
-        packed = functools.partial(packs, min_padding=summary["unpad_min_padding"])
+        packed_row = functools.partial(
+            distsent_packed_row, min_padding=summary["unpad_min_padding"], bucketed=summary["unpad_bucketed_lengths"]
+        )
     # The config the run was given: --distsent-set may change its batching (train.length_grouping).
     own_cfg = load_config(None, overrides)
-    real, padded, longest = distsent_batches(own_cfg, train_lengths, packed)
+    real, padded, longest = distsent_batches(own_cfg, train_lengths, packed_row)
     stats = batch_statistics(real, padded)
     if stats["train_tokens"] != summary["train_tokens"]:
         raise SystemExit(

@@ -642,6 +642,7 @@ def train(cfg: Config) -> dict:
             "last_layer_cls_only": first_token_only,
             "unpadded": packed,
             "unpad_min_padding": collator.min_padding if packed else None,
+            "unpad_bucketed_lengths": packed and collator.bucket_lengths,
             "packed_micro_batches": packed_micro_batches,
             "train_seconds": round(state.train_seconds, 3),
             "train_tokens": state.train_tokens,
