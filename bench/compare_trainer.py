@@ -390,7 +390,8 @@ def distsent_batches(cfg, train_lengths: list[int], packed_row=None) -> tuple[li
     """The micro-batches distsent trains on (its own TrainBatchPlan, one process):
     (real tokens, padded tokens, padded length) per micro-batch. `packed_row(lengths)` gives
     the length of the packed row distsent ran a batch as, filler included, or None where it
-    padded the batch; a packed row's token-wise work has no padding (attention's still has)."""
+    padded the batch; a packed row's only padding is its filler (attention's block still has
+    padding)."""
     from distsent.batching import TrainBatchPlan
 
     plan = TrainBatchPlan(

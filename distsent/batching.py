@@ -144,8 +144,9 @@ BUCKET_STEP_MIN = 16
 
 
 def bucketed_length(tokens: int) -> int:
-    """`tokens` rounded up to one of 16 lengths per doubling (multiples of 16 below 512, of 32
-    up to 1,024, ...): at most 1/16 more.
+    """`tokens` rounded up to a multiple of 16 up to 512, of 32 up to 1,024, of 64 up to 2,048,
+    ...: 16 lengths per doubling from 256 on, and at most 15 tokens or 1/16 more, whichever is
+    larger.
 
     On CPU, oneDNN builds a kernel for each new shape of a matrix product and keeps the last
     1,024 it built. Packed rows have a new length nearly every step, and building the dozen
@@ -181,7 +182,7 @@ class PackingCollator:
         if self.min_padding is None:
             text = "packed (train.unpad)"
         else:
-            text = f"packed where over {self.min_padding:.1%} would be padding, else padded (train.unpad)"
+            text = f"packed where that saves over {self.min_padding:.1%} of the positions, else padded (train.unpad)"
         return text + (", packed rows filled up to bucketed lengths" if self.bucket_lengths else "")
 
     def __call__(self, examples: list[dict]) -> dict:

@@ -355,8 +355,9 @@ class TrainConfig:
     pad positions; applies where the last layer computes [CLS] only (model.last_layer_cls_only)
     and to the mean head."""
     unpad_min_padding: float | None = None
-    """Batches with at most this fraction of padding stay padded, as packing costs a few copies
-    per layer; null: every batch packed with FlashAttention (packed natively), else 0.02."""
+    """A batch stays padded unless packing saves over this fraction of its padded positions
+    (on CPU, counting the packed row's filler up to its bucketed length), as packing costs a
+    few copies per layer; null: every batch packed with FlashAttention (packed natively), else 0.02."""
     log_every_steps: int = 20
     """Log train loss every N optimizer steps."""
     eval_every_steps: int | None = None

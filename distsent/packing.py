@@ -56,7 +56,8 @@ def use_packing(
     `min_padding` (train.unpad_min_padding): the padding fraction above which a batch is
     packed; None: every batch with FlashAttention, which reads packed inputs natively and so
     never pays for a mask, else WRAPPED_MIN_PADDING. `on_cpu`: packed rows are filled up to
-    bucketed lengths, for the wrapped kernels only (FlashAttention would not skip the filler)."""
+    bucketed lengths, for the wrapped kernels only: FlashAttention's varlen kernels leave the
+    filler's outputs unwritten, and garbage there (NaN, say) would reach the weight gradients."""
     wrapped = model.config._attn_implementation not in NATIVELY_PACKED
     if min_padding is None and wrapped:
         min_padding = WRAPPED_MIN_PADDING
@@ -220,9 +221,11 @@ def _padded_slots(cumulative: torch.Tensor, longest: int, tokens: int) -> tuple[
     tokens. Filler tokens after the last text get row texts x longest, one past the block."""
     lengths = cumulative.diff()
     present = torch.arange(longest, device=cumulative.device) < lengths[:, None]
-    # nonzero_static: the count is known here, so CUDA need not wait to learn it.
-    slots = torch.nonzero_static(present.flatten(), size=tokens, fill_value=present.numel())
-    return slots.squeeze(1), present
+    # nonzero_static: the count is known here, so CUDA need not wait to learn it. Filler gets
+    # -1, taken to the row past the block by arithmetic: as fill_value, the block's size would
+    # be a constant that torch.compile (train.compile) recompiles for at every new length.
+    slots = torch.nonzero_static(present.flatten(), size=tokens).squeeze(1)
+    return slots.remainder(present.numel() + 1), present
 
 
 def _to_padded(packed: torch.Tensor, slots: torch.Tensor, texts: int, longest: int) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_collator_packs_only_batches_with_more_padding_than_the_threshold():
     assert packing.real_tokens(batch) == 10
 
 
-def test_bucketed_lengths_add_under_a_sixteenth_and_take_few_values():
+def test_bucketed_lengths_add_at_most_15_tokens_or_a_sixteenth_and_take_few_values():
     for tokens in range(1, 20_000):
         bucketed = bucketed_length(tokens)
         assert bucketed % 16 == 0 and tokens <= bucketed < tokens + max(16, tokens / 16), tokens
@@ -255,6 +255,25 @@ def test_mean_head_on_packed_batches_matches_padded(model_type, kernel, bucket_l
         use_cpu_dropout(packed_model)
     use_packed_attention(packed_model)
     assert_packed_matches_padded(padded_model, packed_model, bucket_lengths)
+
+
+def test_packed_batches_of_new_lengths_do_not_recompile_compiled_layers():
+    # train.compile compiles each layer for dynamic shapes. A guard on a batch's shape (the
+    # padded block's size, say) would recompile at every new length until dynamo gives up and
+    # runs the layers uncompiled: tests of results cannot see that, a count of graphs can.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = packed_copy(tiny_classifier("bert")).eval()
+    layers = model.bert.encoder.layer
+    for index, layer in enumerate(layers):
+        layers[index] = torch.compile(layer, backend="eager", dynamic=True)
+    counters.clear()
+    for step in range(10):
+        batch = pack(model, examples([3 + step, 20, 30 + 2 * step, 10]), bucket_lengths=True)
+        model(**model_inputs(batch))
+    # The first shapes are specialised, then one dynamic graph each for the layer types.
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
 
 def test_mean_head_averages_each_text_of_a_packed_row_over_its_own_tokens():

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -227,9 +228,7 @@ def test_library_warnings_are_printed_once_in_the_run_format():
         "logging.getLogger('transformers.modeling_utils').warning('weights missing')"
     )
     env = {**cli_env(), "CI": "true"}
-    result = subprocess.run(
-        [str(REPO / ".venv/bin/python"), "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     assert [line for line in lines if "hub retry" in line] == [

@@ -401,7 +401,8 @@ def test_packed_training_matches_padded(tmp_path: Path, head: str):
     result = run_cli("train", *common, f"output_dir={packed}")
     assert (
         banner_value(result.stdout, "batches")
-        == "packed where over 0.0% would be padding, else padded (train.unpad), packed rows filled up to bucketed lengths"
+        == "packed where that saves over 0.0% of the positions, else padded (train.unpad), packed rows filled up to "
+        "bucketed lengths"
     )
     summaries = read_summary(padded), read_summary(packed)
     assert [s["unpadded"] for s in summaries] == [False, True]
