@@ -352,8 +352,10 @@ class TrainConfig:
     """Batch texts of similar length together (less padding); global batches stay random."""
     unpad: bool = True
     """Train on packed batches, the texts concatenated without padding, so only attention sees
-    pad positions; applies where the last layer computes [CLS] only (model.last_layer_cls_only)
-    and to the mean head."""
+    pad positions (on CPU, every layer also sees the packed row's filler up to its bucketed
+    length: at most 15 tokens or 1/16 more); applies where the last layer computes [CLS] only
+    (model.last_layer_cls_only) and to the mean head on BERT, RoBERTa, XLM-R, CamemBERT and
+    ELECTRA encoders."""
     unpad_min_padding: float | None = None
     """A batch stays padded unless packing saves over this fraction of its padded positions
     (on CPU, counting the packed row's filler up to its bucketed length), as packing costs a
