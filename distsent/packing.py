@@ -3,10 +3,10 @@
 Padded to its longest text, a batch makes every linear layer, norm and dropout of the encoder
 also run on pad positions: about half of all positions in random batches of movie reviews,
 a few percent once length grouping has made batches homogeneous. Packed, the token-wise work
-runs on real tokens only (and, on CPU, a little filler; see below). A packed batch follows transformers' padding-free convention:
-`input_ids` and `position_ids` are [1, total tokens], positions restart at each text, and the
-cumulative text lengths `cu_seq_lens_q`/`cu_seq_lens_k` (FlashAttention's varlen layout) tell
-attention where each text starts.
+runs on real tokens only (and, on CPU, a little filler; see below). A packed batch follows
+transformers' padding-free convention: `input_ids` and `position_ids` are [1, total tokens],
+positions restart at each text, and the cumulative text lengths `cu_seq_lens_q`/`cu_seq_lens_k`
+(FlashAttention's varlen layout) tell attention where each text starts.
 
 Attention is the one place where texts meet. FlashAttention's varlen kernel takes the packed
 layout as it is; transformers passes the cumulative lengths through. Other kernels (SDPA,
