@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import platform
@@ -421,15 +420,6 @@ def distsent_batches(cfg, train_lengths: list[int], packed_row=None) -> tuple[li
     return real, padded, longest
 
 
-def distsent_packed_row(lengths: list[int], min_padding: float | None, bucketed: bool) -> int | None:
-    """The packed row distsent's PackingCollator makes of texts of these lengths (filled up to
-    the bucketed length where it was told to), or None where it pads them."""
-    from distsent.batching import bucketed_length, packs
-
-    row = bucketed_length(sum(lengths)) if bucketed else sum(lengths)
-    return row if packs(lengths, min_padding, row) else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Workers (each in its own subprocess)
 # ---------------------------------------------------------------------------------------------
@@ -578,9 +568,11 @@ def run_distsent(args: argparse.Namespace, workdir: Path, train_lengths: list[in
         )
     packed_row = None
     if summary["unpadded"]:
-        packed_row = functools.partial(
-            distsent_packed_row, min_padding=summary["unpad_min_padding"], bucketed=summary["unpad_bucketed_lengths"]
-        )
+        from distsent.batching import PackingCollator
+
+        # The run's own collator decides, as in training; its pad id and positions play no part.
+        collator = PackingCollator(0, 0, summary["unpad_min_padding"], summary["unpad_bucketed_lengths"])
+        packed_row = collator.packed_row_length
     # The config the run was given: --distsent-set may change its batching (train.length_grouping).
     own_cfg = load_config(None, overrides)
     real, padded, longest = distsent_batches(own_cfg, train_lengths, packed_row)

@@ -185,10 +185,16 @@ class PackingCollator:
             text = f"packed where that saves over {self.min_padding:.1%} of the positions, else padded (train.unpad)"
         return text + (", packed rows filled up to bucketed lengths" if self.bucket_lengths else "")
 
+    def packed_row_length(self, lengths: Sequence[int]) -> int | None:
+        """The length of the row texts of these lengths are packed into, filler included, or
+        None where they are padded instead."""
+        row_length = bucketed_length(sum(lengths)) if self.bucket_lengths else sum(lengths)
+        return row_length if packs(lengths, self.min_padding, row_length) else None
+
     def __call__(self, examples: list[dict]) -> dict:
         lengths = [len(e["input_ids"]) for e in examples]
-        row_length = bucketed_length(sum(lengths)) if self.bucket_lengths else sum(lengths)
-        if not packs(lengths, self.min_padding, row_length):
+        row_length = self.packed_row_length(lengths)
+        if row_length is None:
             return self.pad(examples)
         filler = row_length - sum(lengths)
         input_ids = torch.cat(
