@@ -17,7 +17,7 @@ from pathlib import Path
 from distsent import __version__
 from distsent.allocator import use_tcmalloc
 from distsent.config import ConfigError, settings_reference
-from distsent.worker_exit import exit_without_teardown, report_fatal_signals
+from distsent.worker_exit import exit_without_teardown, process_group_is_up, report_fatal_signals
 
 EXIT_USAGE = 2
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -429,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     if info.is_distributed:
         report_fatal_signals()
     code = _run_command(args)
-    if info.is_distributed and argv is None:
-        # Teardown of gloo and DeepSpeed can abort a worker whose work is done (worker_exit).
+    if argv is None and (info.is_distributed or process_group_is_up()):
+        # Teardown of gloo and DeepSpeed can abort a worker whose work is done (worker_exit);
+        # a one-process DeepSpeed launch has a process group too, which train() leaves up.
         exit_without_teardown(code)
     return code
 

@@ -203,7 +203,9 @@ def divergence_advice(cfg: TrainConfig, mixed_precision: str) -> str:
 def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the summary also written to <output_dir>/summary.json.
 
-    Raises Preempted (exit code 75) after checkpointing when a preemption signal arrives."""
+    Raises Preempted (exit code 75) after checkpointing when a preemption signal arrives.
+    In a distributed process the process group stays up whether this returns or raises: a
+    script that calls it ends the group with torch.distributed.destroy_process_group()."""
     if cfg.train.resume not in (None, "auto", "none"):
         # A checkpoint folder that is not one is said now, not after the data is read.
         resolve_resume(cfg.train.resume, Path(cfg.output_dir))
@@ -680,6 +682,11 @@ def train(cfg: Config) -> dict:
         if run_logger is not None:
             run_logger.close(preempted)
         watcher.restore()
-        accelerator.end_training()
+        # No accelerator.end_training(): it destroys the process group while the prepared
+        # model may still be alive (a raised error's traceback holds it). The DDP wrapper's
+        # deallocation then destroys gloo's group itself, holding the GIL while it joins gloo's
+        # worker thread, which may need the GIL to free the last collective's tensors: a
+        # deadlock, seen as a 2-process launch hanging after both ranks refused a resume.
+        # The group is the process's to end (the CLI's workers leave with os._exit).
         if run_lock is not None:
             run_lock.close()

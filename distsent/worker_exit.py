@@ -10,6 +10,10 @@ destroyed in whatever order finalisation reaches them (the DeepSpeed engine is s
 referenced at that point, and torch has discussed the same SIGABRT for gloo work objects
 destroyed during finalisation). A worker therefore leaves with os._exit once its work is
 on disk: there is nothing left that teardown would do for it.
+
+train() leaves the process group up, for this exit to skip as well (see there): destroying
+it while the prepared model lived on made the model's deallocation deadlock with gloo's
+worker thread in 1 of 6 two-process launches that refused a resume.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ def report_fatal_signals() -> None:
     """Print every thread's Python stack if the process dies of SIGSEGV, SIGABRT and the like,
     so a crash in a worker names where it happened instead of only its signal."""
     faulthandler.enable()
+
+
+def process_group_is_up() -> bool:
+    """Whether this process joined a torch.distributed group (train() leaves it up)."""
+    import torch.distributed
+
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def exit_without_teardown(code: int) -> NoReturn:

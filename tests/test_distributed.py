@@ -388,12 +388,20 @@ def test_compile_under_zero3_is_refused(tmp_path):
     assert "train.compile=true does not work under DeepSpeed ZeRO-3" in result.stderr
 
 
-def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
-    """A one-process (accelerate) checkpoint resumed under ZeRO-2 failed inside DeepSpeed's
-    loader, with advice to try an earlier checkpoint that failed the same way."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> list[str]:
+    """`distsent train` arguments of a finished one-process run with checkpoints; runs that
+    refuse to resume it leave its folder as it was."""
+    run = tmp_path_factory.mktemp("one_process") / "run"
     args = ["train", *TINY, "train.max_steps=4", "checkpoint.every_steps=2", f"output_dir={run}"]
     run_cli(*args)
+    return args
+
+
+def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(one_process_run):
+    """A one-process (accelerate) checkpoint resumed under ZeRO-2 failed inside DeepSpeed's
+    loader, with advice to try an earlier checkpoint that failed the same way."""
+    args = one_process_run
     result = launch("zero2.yaml", 1, *args, "train.resume=auto", check=False)
     assert result.returncode != 0
     assert (
@@ -405,3 +413,45 @@ def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
     # Another setting too: another run, which no launch continues.
     other = launch("ddp.yaml", 2, *args, "train.resume=auto", "train.lr=1e-3", check=False)
     assert "train.lr: checkpoint" in other.stderr and "to continue it" not in other.stderr
+
+
+# train() as a script calls it, under a 2-process launch: the run is refused after the model
+# was prepared (DDP), and the caller's process group must outlive the error.
+LIBRARY_CALLER_SCRIPT = """
+import sys
+import torch.distributed as dist
+from distsent.checkpoint import CheckpointError
+from distsent.config import load_config
+from distsent.distributed import prepare_environment
+from distsent.train import train
+
+prepare_environment()
+try:
+    train(load_config(None, sys.argv[1:]))
+except CheckpointError:
+    print(f"rank {dist.get_rank()} refused", flush=True)
+ranks = [None, None]
+dist.all_gather_object(ranks, dist.get_rank())
+print(f"rank {dist.get_rank()} gathered {ranks}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_train_leaves_the_process_group_to_its_caller(tmp_path, one_process_run):
+    """train() destroyed the process group on its way out while the DDP model lived on in the
+    error's traceback; freeing the model then destroyed gloo's group holding the GIL, which
+    deadlocked with gloo's worker thread: 1 in 6 refused 2-process launches never exited."""
+    script = tmp_path / "caller.py"
+    script.write_text(LIBRARY_CALLER_SCRIPT)
+    command = [
+        *accelerate_launch_command("ddp.yaml", 2, "--main_process_port", str(_free_port())),
+        str(script),
+        *one_process_run[1:],
+        "train.resume=auto",
+        "train.lr=1e-3",
+    ]
+    result = run_captured(command, env=cli_env(), timeout=300)
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, output
+    for rank in (0, 1):
+        assert f"rank {rank} refused" in result.stdout and f"rank {rank} gathered [0, 1]" in result.stdout, output
