@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 # Only the light modules at import time: `train` may re-execute itself before torch is loaded.
@@ -428,12 +429,24 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(info.rank)
     if info.is_distributed:
         report_fatal_signals()
-    code = _run_command(args)
-    if argv is None and (info.is_distributed or process_group_is_up()):
-        # Teardown of gloo and DeepSpeed can abort a worker whose work is done (worker_exit);
-        # a one-process DeepSpeed launch has a process group too, which train() leaves up.
+    try:
+        code = _run_command(args)
+    except Exception:
+        if not _leaves_without_teardown(argv, info.is_distributed):
+            raise
+        # A crash leaves the same live group behind as a finished run.
+        traceback.print_exc()
+        code = 1
+    if _leaves_without_teardown(argv, info.is_distributed):
         exit_without_teardown(code)
     return code
+
+
+def _leaves_without_teardown(argv: list[str] | None, launched_distributed: bool) -> bool:
+    """Whether this process, run from its own command line, ends with os._exit: teardown of
+    gloo and DeepSpeed can abort or hang a worker whose work is done (worker_exit). A
+    one-process DeepSpeed launch has a process group too, which train() leaves up."""
+    return argv is None and (launched_distributed or process_group_is_up())
 
 
 def _run_command(args: argparse.Namespace) -> int:

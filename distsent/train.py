@@ -204,8 +204,10 @@ def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the summary also written to <output_dir>/summary.json.
 
     Raises Preempted (exit code 75) after checkpointing when a preemption signal arrives.
-    In a distributed process the process group stays up whether this returns or raises: a
-    script that calls it ends the group with torch.distributed.destroy_process_group()."""
+    In a distributed process the process group stays up whether this returns or raises. A
+    script that destroys it (torch.distributed.destroy_process_group()) does so after dropping
+    any error this raised and gc.collect(), not in a `finally:` around the call, where the
+    error still holds the DDP model (see the end of this function)."""
     if cfg.train.resume not in (None, "auto", "none"):
         # A checkpoint folder that is not one is said now, not after the data is read.
         resolve_resume(cfg.train.resume, Path(cfg.output_dir))
@@ -682,11 +684,8 @@ def train(cfg: Config) -> dict:
         if run_logger is not None:
             run_logger.close(preempted)
         watcher.restore()
-        # No accelerator.end_training(): it destroys the process group while the prepared
-        # model may still be alive (a raised error's traceback holds it). The DDP wrapper's
-        # deallocation then destroys gloo's group itself, holding the GIL while it joins gloo's
-        # worker thread, which may need the GIL to free the last collective's tensors: a
-        # deadlock, seen as a 2-process launch hanging after both ranks refused a resume.
-        # The group is the process's to end (the CLI's workers leave with os._exit).
+        # No accelerator.end_training(): destroying the group while the DDP model lives (a
+        # raised error holds it) leaves its Reducer to free gloo's group holding the GIL, a
+        # deadlock with gloo's worker thread (worker_exit).
         if run_lock is not None:
             run_lock.close()

@@ -11,9 +11,11 @@ referenced at that point, and torch has discussed the same SIGABRT for gloo work
 destroyed during finalisation). A worker therefore leaves with os._exit once its work is
 on disk: there is nothing left that teardown would do for it.
 
-train() leaves the process group up, for this exit to skip as well (see there): destroying
-it while the prepared model lived on made the model's deallocation deadlock with gloo's
-worker thread in 1 of 6 two-process launches that refused a resume.
+train() leaves the process group up, and this exit skips its teardown too. train() used to
+destroy it while the DDP model lived on in a raised error; freeing the model then freed
+gloo's group from the DDP Reducer, which joins gloo's worker thread holding the GIL while
+that thread waits for the GIL to free the last collective's tensors. 1 in 6 two-process
+launches that refused a resume hung that way.
 """
 
 from __future__ import annotations

@@ -428,8 +428,8 @@ from distsent.train import train
 prepare_environment()
 try:
     train(load_config(None, sys.argv[1:]))
-except CheckpointError:
-    print(f"rank {dist.get_rank()} refused", flush=True)
+except CheckpointError as error:
+    print(f"rank {dist.get_rank()} refused: {error}", flush=True)
 ranks = [None, None]
 dist.all_gather_object(ranks, dist.get_rank())
 print(f"rank {dist.get_rank()} gathered {ranks}", flush=True)
@@ -448,10 +448,43 @@ def test_train_leaves_the_process_group_to_its_caller(tmp_path, one_process_run)
         str(script),
         *one_process_run[1:],
         "train.resume=auto",
-        "train.lr=1e-3",
     ]
     result = run_captured(command, env=cli_env(), timeout=300)
     output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert result.returncode == 0, output
     for rank in (0, 1):
-        assert f"rank {rank} refused" in result.stdout and f"rank {rank} gathered [0, 1]" in result.stdout, output
+        # Refused by the checkpoint's record, read after prepare() wrapped the model in DDP.
+        assert f"rank {rank} refused: " in result.stdout, output
+        assert f"rank {rank} gathered [0, 1]" in result.stdout, output
+    assert "world_size: checkpoint 1, this run 2" in result.stdout, output
+
+
+# `distsent train` as a worker's own command line (main() reads sys.argv), with a bug planted
+# after prepare(): the worker crashes with its process group up.
+CRASHING_WORKER = """
+import sys
+import distsent.train
+from distsent.__main__ import main
+
+
+def planted_bug(*args, **kwargs):
+    raise RuntimeError("planted bug after prepare")
+
+
+distsent.train.agree_on_resume = planted_bug
+sys.exit(main())
+"""
+
+
+def test_a_worker_that_crashes_with_its_group_up_prints_the_traceback_and_exits_1(tmp_path):
+    """Such a worker leaves through os._exit like a finished one (worker_exit), not through
+    interpreter teardown with a live gloo group; its traceback still reaches stderr."""
+    worker = tmp_path / "crashing_worker.py"
+    worker.write_text(CRASHING_WORKER)
+    out = tmp_path / "out"
+    command = [*torchrun_two_processes(str(worker)), "train", *TINY, "train.max_steps=2", f"output_dir={out}"]
+    env = {**cli_env(), "DISTSENT_ALLOCATOR": "system"}  # no re-exec: the worker script stays in charge
+    result = run_captured(command, env=env, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("RuntimeError: planted bug after prepare") >= 2, result.stderr[-4000:]
+    assert "in planted_bug" in result.stderr and "exitcode  : 1" in result.stderr, result.stderr[-4000:]
