@@ -334,7 +334,10 @@ accelerator = build_accelerator(load_config(None, ["train.mixed_precision=no"]),
 shared, unseen = Path(sys.argv[1]), Path(sys.argv[2])
 rank = accelerator.process_index
 # Rank 1's listing lags: it has not seen the newest checkpoint yet.
-print(f"rank {rank} agreed", agree_on_resume(accelerator, shared if rank == 0 else None), flush=True)
+agreed = agree_on_resume(accelerator, shared if rank == 0 else None)
+# One string per print: workers run unbuffered (python -u), so print's pieces are separate
+# writes, and a CI run saw the two ranks' lines interleave mid-line.
+print(f"rank {rank} agreed {agreed}", flush=True)
 # A checkpoint the other ranks cannot see (here no rank can): not a shared filesystem.
 try:
     agree_on_resume(accelerator, unseen if rank == 0 else None)
