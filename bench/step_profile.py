@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -101,6 +102,8 @@ class TrainingStep:
     def run(self) -> dict[str, float]:
         import torch
 
+        from distsent.clipping import clipping_divisor, gradient_norm, gradients_divided_in_step
+
         marks = [time.perf_counter()]
         with torch.autocast("cpu", dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.model(**self.model_inputs(self.fresh_batch())).logits
@@ -108,9 +111,13 @@ class TrainingStep:
         marks.append(time.perf_counter())
         loss.backward()
         marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm or float("inf"))
+        # As `distsent train` clips: the norm here, the clipping inside the fused AdamW's step.
+        norm = gradient_norm(self.model.parameters())
         marks.append(time.perf_counter())
-        self.optimizer.step()
+        with gradients_divided_in_step(
+            self.optimizer, clipping_divisor(norm, self.cfg.train.max_grad_norm or math.inf)
+        ):
+            self.optimizer.step()
         marks.append(time.perf_counter())
         self.optimizer.zero_grad(set_to_none=True)
         marks.append(time.perf_counter())

@@ -33,6 +33,7 @@ from distsent.checkpoint import (
     tidy_interrupted_exports,
     tidy_interrupted_writes,
 )
+from distsent.clipping import clip_and_step
 from distsent.config import Config, ConfigError, TrainConfig, save_config
 from distsent.cpu_training import keep_freed_memory, use_cpu_dropout
 from distsent.data import load_labeled_splits, tokenize, tokenized_fingerprint
@@ -560,9 +561,9 @@ def train(cfg: Config) -> dict:
                         loss = weighted_loss_sum(logits, batch["labels"], class_weights) * share
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        # Returns the norm before clipping; inf means "measure, don't clip".
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf)
-                    optimizer.step()
+                        # Returns the norm before clipping; inf means "measure, don't clip". Steps
+                        # between syncs would be no-ops (accumulation): not taken.
+                        grad_norm = clip_and_step(accelerator, model, optimizer, cfg.train.max_grad_norm or math.inf)
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
                 window_tokens += real_tokens(batch)

@@ -1,0 +1,119 @@
+"""Gradient clipping inside the fused AdamW step: the same clipping as torch's clip_grad_norm_."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from distsent.clipping import (
+    clip_and_step,
+    clipping_divisor,
+    gradient_norm,
+    gradients_divided_in_step,
+    takes_gradient_divisor,
+)
+
+
+def model_with_gradients(scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
+    """A small model with gradients, one parameter without (it took no part in the loss).
+
+    The gradients have their parameters' layout, as autograd gives them: torch 2.13's fused
+    CPU AdamW misreads a gradient laid out otherwise (a transposed view stepped 0.02 off)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 2))
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter) * scale
+    model[2].bias.grad = None
+    return model
+
+
+def fused_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
+
+
+def torch_clip_then_step(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    optimizer = fused_adamw(model)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return norm
+
+
+def clip_in_step(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    optimizer = fused_adamw(model)
+    norm = gradient_norm(model.parameters())
+    with gradients_divided_in_step(optimizer, clipping_divisor(norm, max_norm)):
+        optimizer.step()
+    assert not hasattr(optimizer, "grad_scale")
+    return norm
+
+
+def test_the_norm_is_torchs_and_close_to_a_float64_sum():
+    model = model_with_gradients()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    exact = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
+    assert gradient_norm(model.parameters()).item() == pytest.approx(exact, rel=1e-6)
+    assert torch.nn.utils.get_total_norm(grads, 2.0).item() == pytest.approx(exact, rel=1e-5)
+    # A gradient that is not one block of float32 sends all to torch's norm: the same norm.
+    model[1].weight.grad = model[1].weight.grad.t().contiguous().t()
+    assert not model[1].weight.grad.is_contiguous()
+    assert gradient_norm(model.parameters()).item() == pytest.approx(exact, rel=1e-5)
+    assert gradient_norm([torch.nn.Parameter(torch.ones(3))]).item() == 0.0  # no gradients at all
+
+
+def test_weights_within_the_limit_step_bit_for_bit_as_after_torchs_clipping():
+    reference, ours = model_with_gradients(), model_with_gradients()
+    norm = torch_clip_then_step(reference, max_norm=1e6)
+    assert clip_in_step(ours, max_norm=1e6).item() == pytest.approx(norm.item(), rel=1e-6)
+    for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
+        assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("max_norm", [1.0, 0.01])
+def test_clipped_gradients_step_as_after_torchs_clipping(max_norm):
+    reference, ours = model_with_gradients(scale=10.0), model_with_gradients(scale=10.0)
+    before = copy.deepcopy(ours)
+    torch_clip_then_step(reference, max_norm)
+    clip_in_step(ours, max_norm)
+    for start, expected, got in zip(before.parameters(), reference.parameters(), ours.parameters(), strict=True):
+        if got.grad is None:
+            continue
+        assert not torch.equal(start, got)  # the step moved it
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_non_finite_norm_spoils_the_step_as_torchs_clipping_does():
+    reference, ours = model_with_gradients(), model_with_gradients()
+    for model in (reference, ours):
+        model[0].weight.grad[3, 4] = math.nan
+    torch_clip_then_step(reference, max_norm=1.0)
+    clip_in_step(ours, max_norm=1.0)
+    for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
+        assert torch.equal(expected.isnan(), got.isnan())
+
+
+def test_the_divisor_is_removed_even_when_the_step_fails():
+    optimizer = fused_adamw(model_with_gradients())
+    with pytest.raises(RuntimeError, match="step failed"):
+        with gradients_divided_in_step(optimizer, torch.tensor(2.0)):
+            raise RuntimeError("step failed")
+    assert not hasattr(optimizer, "grad_scale")
+
+
+def test_accelerates_prepared_optimizer_clips_in_its_step_or_falls_back():
+    accelerator = Accelerator(cpu=True)
+    for fused in (True, False):
+        reference, ours = model_with_gradients(scale=10.0), model_with_gradients(scale=10.0)
+        prepared_model, optimizer = accelerator.prepare(
+            ours, torch.optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.01, fused=fused)
+        )
+        assert takes_gradient_divisor(optimizer.optimizer) is fused
+        expected_norm = torch_clip_then_step(reference, max_norm=1.0)
+        norm = clip_and_step(accelerator, prepared_model, optimizer, max_norm=1.0)
+        assert norm.item() == pytest.approx(expected_norm.item(), rel=1e-6)
+        assert not hasattr(optimizer.optimizer, "grad_scale")
+        for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
