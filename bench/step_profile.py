@@ -9,8 +9,8 @@ tcmalloc where installed, else glibc keeping freed memory) on synthetic batches 
 length grouping makes real batches nearly uniform (28 tokens on average for Rotten Tomatoes).
 With --min-length, text lengths are drawn uniformly from [min-length, length], as in batches
 that are not grouped, and the batch is packed where `distsent train` would pack it.
-For each thread count it prints the milliseconds per step of forward, backward,
-clipping, optimizer step and zero_grad; then one line per heavy operator with its self time
+For each thread count it prints the milliseconds per step of forward, backward, the
+gradient norm, optimizer step (with the clipping, as in training) and zero_grad; then one line per heavy operator with its self time
 per step at each thread count, and for matrix products their FLOP/s against the matmul peak
 of the step's precision measured in the same run; then the command line. Answers "what is left besides the
 GEMMs, and does a second core help it".
@@ -28,7 +28,7 @@ import time
 
 from compare_trainer import gemm_peak
 
-PHASES = ("forward", "backward", "clip", "optimizer_step", "zero_grad")
+PHASES = ("forward", "backward", "grad_norm", "optimizer_step", "zero_grad")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,17 +1,17 @@
-"""Gradient clipping by total norm, with the clipping factor applied inside the optimizer step.
+"""Gradient clipping by total norm, with the clipping applied inside the optimizer step.
 
 torch's `clip_grad_norm_` takes two passes over every gradient after backward: one for the
-norm and one multiplying by the clipping factor. On a 2-core CPU, for MiniLM's 105 gradients
-(22.7M values), they took 5.1 and ~4 ms of a ~130 ms bf16 step (bench/RESULTS.md). Here:
+norm and one multiplying by the clipping factor. For MiniLM's 105 gradients (22.7M values)
+on a 2-core CPU that was 12 ms of a ~125 ms bf16 step (bench/RESULTS.md, twentieth session):
 
-- The norm is a sum of dot products on CPU: 2.1 ms, and closer to a float64 reference (BLAS
-  keeps many partial sums) than `linalg.vector_norm` was (3.6e-6 against 2.4e-4 relative).
-- The factor goes to the optimizer's own kernel as its `grad_scale`, the gradient divisor
-  GradScaler uses to unscale fp16 gradients, where the optimizer takes one (torch's fused
-  Adam and AdamW). The fused step divides each gradient as it reads it: no pass of its own.
+- On CPU the norm is a sum of dot products: 2.1 ms against torch's 5.1 ms, and closer to a
+  float64 reference (BLAS keeps many partial sums): 3.6e-6 relative against 2.4e-4.
+- The clipping goes to the optimizer's own kernel as its `grad_scale`, the divisor GradScaler
+  uses to unscale fp16 gradients, where the optimizer takes one (torch's fused Adam and
+  AdamW). The fused step divides each gradient in the pass it makes anyway.
 
-What is clipped is unchanged: the factor is torch's min(1, max_norm / (norm + 1e-6)), NaN and
-inf included, though dividing by its reciprocal may round a gradient differently by an ulp.
+What is clipped is unchanged: the gradients are divided by max(1, (norm + 1e-6) / max_norm),
+torch's factor inverted, NaN and inf alike, though a gradient may round differently by an ulp.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ def gradient_norm(parameters) -> torch.Tensor:
 
 
 def clipping_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """What to divide every gradient by to clip them to `max_norm` (1 where they are within it)."""
-    factor = torch.clamp(max_norm / (norm + NORM_EPSILON), max=1.0)
-    return torch.reciprocal(factor)
+    """What to divide every gradient by to clip them to `max_norm` (exactly 1 where they are
+    within it), in float32, the only `grad_scale` the fused kernels take."""
+    return torch.clamp((norm.float() + NORM_EPSILON) / max_norm, min=1.0)
 
 
 def takes_gradient_divisor(optimizer: torch.optim.Optimizer) -> bool:
@@ -50,6 +50,8 @@ def takes_gradient_divisor(optimizer: torch.optim.Optimizer) -> bool:
 @contextmanager
 def gradients_divided_in_step(optimizer: torch.optim.Optimizer, divisor: torch.Tensor):
     """Within this, `optimizer.step()` divides the gradients by `divisor` (`takes_gradient_divisor`)."""
+    if hasattr(optimizer, "grad_scale"):
+        raise RuntimeError("the optimizer already has a grad_scale (GradScaler's?): clip with torch's clip_grad_norm_")
     optimizer.grad_scale = divisor
     try:
         yield
@@ -58,14 +60,15 @@ def gradients_divided_in_step(optimizer: torch.optim.Optimizer, divisor: torch.T
         del optimizer.grad_scale
 
 
-def clip_and_step(accelerator, model: torch.nn.Module, optimizer, max_norm: float) -> torch.Tensor:
+def clip_and_step(accelerator, model: torch.nn.Module, optimizer, max_norm: float):
     """The prepared optimizer's step on gradients clipped to `max_norm` (inf: measure only);
-    returns their norm before clipping."""
+    returns their norm before clipping (DeepSpeed's engine: what it reports)."""
     from accelerate.utils import DistributedType
 
     inner = optimizer.optimizer
     if (
-        accelerator.distributed_type == DistributedType.DEEPSPEED  # the engine clips
+        # Whole gradients on every rank; DeepSpeed's engine clips itself, FSDP holds shards.
+        accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
         or accelerator.scaler is not None  # GradScaler sets grad_scale itself, to unscale
         or not takes_gradient_divisor(inner)
     ):

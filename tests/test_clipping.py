@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
 
 from distsent.clipping import (
     clip_and_step,
@@ -16,6 +19,7 @@ from distsent.clipping import (
     gradients_divided_in_step,
     takes_gradient_divisor,
 )
+from tests.conftest import TINY, run_cli
 
 
 def model_with_gradients(scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
@@ -35,20 +39,26 @@ def fused_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
 
 
-def torch_clip_then_step(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+def torch_clip_then_step(model: torch.nn.Module, max_norm: float) -> tuple[torch.Tensor, torch.optim.Optimizer]:
     optimizer = fused_adamw(model)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
-    return norm
+    return norm, optimizer
 
 
-def clip_in_step(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+def clip_in_step(model: torch.nn.Module, max_norm: float) -> tuple[torch.Tensor, torch.optim.Optimizer]:
     optimizer = fused_adamw(model)
     norm = gradient_norm(model.parameters())
     with gradients_divided_in_step(optimizer, clipping_divisor(norm, max_norm)):
         optimizer.step()
     assert not hasattr(optimizer, "grad_scale")
-    return norm
+    return norm, optimizer
+
+
+def first_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """AdamW's running mean of each gradient after one step: (1 - beta1) x the clipped
+    gradient. The step itself is about lr x sign(gradient), nearly blind to the clipping."""
+    return [optimizer.state[p]["exp_avg"] for p in model.parameters() if p.grad is not None]
 
 
 def test_the_norm_is_torchs_and_close_to_a_float64_sum():
@@ -66,8 +76,8 @@ def test_the_norm_is_torchs_and_close_to_a_float64_sum():
 
 def test_weights_within_the_limit_step_bit_for_bit_as_after_torchs_clipping():
     reference, ours = model_with_gradients(), model_with_gradients()
-    norm = torch_clip_then_step(reference, max_norm=1e6)
-    assert clip_in_step(ours, max_norm=1e6).item() == pytest.approx(norm.item(), rel=1e-6)
+    norm, _ = torch_clip_then_step(reference, max_norm=1e6)
+    assert clip_in_step(ours, max_norm=1e6)[0].item() == pytest.approx(norm.item(), rel=1e-6)
     for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
         assert torch.equal(expected, got)
 
@@ -75,14 +85,15 @@ def test_weights_within_the_limit_step_bit_for_bit_as_after_torchs_clipping():
 @pytest.mark.parametrize("max_norm", [1.0, 0.01])
 def test_clipped_gradients_step_as_after_torchs_clipping(max_norm):
     reference, ours = model_with_gradients(scale=10.0), model_with_gradients(scale=10.0)
-    before = copy.deepcopy(ours)
-    torch_clip_then_step(reference, max_norm)
-    clip_in_step(ours, max_norm)
-    for start, expected, got in zip(before.parameters(), reference.parameters(), ours.parameters(), strict=True):
-        if got.grad is None:
-            continue
-        assert not torch.equal(start, got)  # the step moved it
+    _, reference_optimizer = torch_clip_then_step(reference, max_norm)
+    _, our_optimizer = clip_in_step(ours, max_norm)
+    for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    expected_moments = first_moments(reference, reference_optimizer)
+    for expected, got in zip(expected_moments, first_moments(ours, our_optimizer), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    clipped_norm = math.sqrt(sum(m.double().pow(2).sum().item() for m in expected_moments)) / (1 - 0.9)
+    assert clipped_norm == pytest.approx(max_norm, rel=1e-4)
 
 
 def test_a_non_finite_norm_spoils_the_step_as_torchs_clipping_does():
@@ -95,12 +106,16 @@ def test_a_non_finite_norm_spoils_the_step_as_torchs_clipping_does():
         assert torch.equal(expected.isnan(), got.isnan())
 
 
-def test_the_divisor_is_removed_even_when_the_step_fails():
+def test_the_divisor_is_removed_even_when_the_step_fails_and_never_stacked():
     optimizer = fused_adamw(model_with_gradients())
     with pytest.raises(RuntimeError, match="step failed"):
         with gradients_divided_in_step(optimizer, torch.tensor(2.0)):
             raise RuntimeError("step failed")
     assert not hasattr(optimizer, "grad_scale")
+    optimizer.grad_scale = torch.tensor(4.0)  # as GradScaler sets it
+    with pytest.raises(RuntimeError, match="already has a grad_scale"):
+        with gradients_divided_in_step(optimizer, torch.tensor(2.0)):
+            pass
 
 
 def test_accelerates_prepared_optimizer_clips_in_its_step_or_falls_back():
@@ -111,9 +126,55 @@ def test_accelerates_prepared_optimizer_clips_in_its_step_or_falls_back():
             ours, torch.optim.AdamW(ours.parameters(), lr=1e-2, weight_decay=0.01, fused=fused)
         )
         assert takes_gradient_divisor(optimizer.optimizer) is fused
-        expected_norm = torch_clip_then_step(reference, max_norm=1.0)
+        expected_norm, reference_optimizer = torch_clip_then_step(reference, max_norm=1.0)
         norm = clip_and_step(accelerator, prepared_model, optimizer, max_norm=1.0)
         assert norm.item() == pytest.approx(expected_norm.item(), rel=1e-6)
         assert not hasattr(optimizer.optimizer, "grad_scale")
-        for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for expected, got in zip(
+            first_moments(reference, reference_optimizer), first_moments(ours, optimizer.optimizer), strict=True
+        ):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+class RecordingAccelerator(SimpleNamespace):
+    """What clip_and_step asks of an Accelerator, recording whether torch's clipping ran."""
+
+    def clip_grad_norm_(self, parameters, max_norm):
+        self.clipped_by_torch = True
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+@pytest.mark.parametrize(
+    ("distributed_type", "scaler", "clips_in_step"),
+    [
+        (DistributedType.NO, None, True),
+        (DistributedType.MULTI_CPU, None, True),
+        (DistributedType.MULTI_GPU, None, True),
+        (DistributedType.MULTI_GPU, torch.amp.GradScaler("cpu"), False),  # fp16: GradScaler's own grad_scale
+        (DistributedType.DEEPSPEED, None, False),  # the engine clips
+        (DistributedType.FSDP, None, False),  # shards: each rank's norm is not the whole norm
+    ],
+)
+def test_clipping_moves_into_the_step_only_where_every_rank_holds_whole_gradients(
+    distributed_type, scaler, clips_in_step
+):
+    accelerator = RecordingAccelerator(distributed_type=distributed_type, scaler=scaler, clipped_by_torch=False)
+    model = model_with_gradients(scale=10.0)
+    optimizer = SimpleNamespace(optimizer=fused_adamw(model))
+    optimizer.step = optimizer.optimizer.step
+    clip_and_step(accelerator, model, optimizer, max_norm=1.0)
+    assert accelerator.clipped_by_torch is not clips_in_step
+
+
+def trained_weights(tmp_path: Path, max_grad_norm: str) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"clip_{max_grad_norm}"
+    run_cli("train", *TINY, "train.max_steps=2", f"train.max_grad_norm={max_grad_norm}", f"output_dir={out}")
+    return load_file(out / "final" / "model.safetensors")
+
+
+def test_training_clips_and_leaves_gradients_within_the_limit_alone(tmp_path):
+    unclipped = trained_weights(tmp_path, "0")  # 0: no clipping
+    within = trained_weights(tmp_path, "1e6")
+    clipped = trained_weights(tmp_path, "1e-6")
+    assert all(torch.equal(unclipped[name], within[name]) for name in unclipped)
+    assert any(not torch.equal(unclipped[name], clipped[name]) for name in unclipped)
