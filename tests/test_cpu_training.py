@@ -3,6 +3,7 @@ is the math it claims, in the precision it claims; glibc keeps freed memory."""
 
 import platform
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -59,6 +60,21 @@ def test_masks_follow_the_global_seed():
     torch.manual_seed(3)
     again = CpuDropout(0.1).train()(hidden)
     assert torch.equal(first, again) and not torch.equal(first, CpuDropout(0.1).train()(hidden))
+
+
+def test_masks_depend_on_torchs_generator_state_alone():
+    # What a resumed run restores is torch's RNG state; numpy's global generator plays no part.
+    shape = (4, 12, 16, 16)
+    state = torch.get_rng_state()
+    np.random.seed(0)
+    first = dropout_keep_mask(shape, 0.1, torch.float32, torch.device("cpu"))
+    numpy_after = np.random.get_state()[1].copy()
+    torch.set_rng_state(state)
+    np.random.seed(1)
+    again = dropout_keep_mask(shape, 0.1, torch.float32, torch.device("cpu"))
+    assert torch.equal(first, again)
+    np.random.seed(0)
+    assert np.array_equal(np.random.get_state()[1], numpy_after), "drawing a mask moved numpy's global generator"
 
 
 def test_swap_replaces_every_dropout_and_keeps_the_weights():
