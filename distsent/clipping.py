@@ -25,7 +25,8 @@ NORM_EPSILON = 1e-6
 
 
 def gradient_norm(parameters) -> torch.Tensor:
-    """The L2 norm of all the parameters' gradients together (0-dim tensor, float32)."""
+    """The L2 norm of all the parameters' gradients together: a 0-dim tensor, float32 on the
+    CPU path, the gradients' own dtype from torch's (`clipping_divisor` takes either)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
