@@ -3,6 +3,7 @@
     python bench/compare_trainer.py                                   # MiniLM-L6, embedded Rotten Tomatoes, 2 epochs
     python bench/compare_trainer.py --dataset imdb --max-train-samples 2000   # IMDB, max_length 256, a subset
     python bench/compare_trainer.py --model tiny-bert --epochs 0.25 --max-train-samples 256   # seconds, for tests
+    python bench/compare_trainer.py --rounds 2    # every contender twice, the second round in reverse order
 
 Contenders (`--contenders`, comma-separated):
   distsent              `python -m distsent train ...` as a subprocess; numbers from its summary.json
@@ -22,6 +23,11 @@ Validation accuracy is computed the same way for all: the trained fp32 weights, 
 the same validation set. The Trainer's "best" is its fastest setting (TrainingArguments, so not the
 tcmalloc run) whose accuracy is within 0.01 of its defaults. distsent picks its allocator as it does for
 any user (DISTSENT_ALLOCATOR=system in the environment benchmarks it on glibc's malloc).
+
+The machine's speed drifts during a run (the matmul peak measured before and after the contenders
+can differ by 15%), and each contender runs at its own time. With `--rounds 2` every contender runs
+twice, once in each order, and its record combines both runs (rates over all their work together,
+mean accuracy; each run's figures under "rounds"), so the drift favours none of them.
 
 Output: one JSON line per record on stdout (and in --output): `gemm_peak` (machine, matmul peaks, command),
 one line per contender, `ratio distsent/...` lines, one `mfu` line per contender with the formula, and a
@@ -110,6 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help=f"extra distsent override of a speed knob ({', '.join(SPEED_KNOBS)}); repeatable",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the contenders this many times, every other round in reverse order, and combine each "
+        "contender's runs: the machine's speed drifts, and this gives every contender the same mean position",
+    )
     parser.add_argument("--output", help="also write the JSON lines to this file")
     parser.add_argument("--workdir", help="keep run folders and logs here (default: a temporary folder)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -127,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"--distsent-set {item}: only speed knobs ({', '.join(SPEED_KNOBS)}); the workload "
                 "(data, hyper-parameters) is set for every contender by the other options"
             )
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
     args.contender_names = names
     return args
 
@@ -635,6 +650,33 @@ def run_trainer(args: argparse.Namespace, name: str, workdir: Path, argv: list[s
     return result
 
 
+def round_orders(names: list[str], rounds: int) -> list[list[str]]:
+    """The contenders' order in each round: as given, then reversed, and so on. Over an even
+    number of rounds every contender's mean position is the same, so a steady drift in the
+    machine's speed favours none of them."""
+    return [list(names) if index % 2 == 0 else list(reversed(names)) for index in range(rounds)]
+
+
+def combine_rounds(runs: list[dict]) -> dict:
+    """One contender's runs as one result: its rates over all the runs' work together (total
+    tokens over total training seconds), its mean accuracy and training time, its highest peak
+    memory; each run's own figures under "rounds". The runs did identical work, so everything
+    else (steps, tokens, padding) is the first run's."""
+    if len(runs) == 1:
+        return runs[0]
+    seconds = sum(run["train_seconds"] for run in runs)
+    combined = dict(runs[0])
+    for rate in ("tokens_per_second", "examples_per_second"):
+        combined[rate] = sum(run[rate] * run["train_seconds"] for run in runs) / seconds
+    combined["train_seconds"] = seconds / len(runs)
+    combined["process_wall_seconds"] = sum(run["process_wall_seconds"] for run in runs) / len(runs)
+    combined["accuracy"] = sum(run["accuracy"] for run in runs) / len(runs)
+    combined["peak_rss_mib"] = max(run["peak_rss_mib"] for run in runs)
+    kept = ("tokens_per_second", "train_seconds", "accuracy", "peak_rss_mib")
+    combined["rounds"] = [{key: run[key] for key in kept} for run in runs]
+    return combined
+
+
 def check_equal_work(results: dict, workload: dict) -> None:
     """Every contender took the workload's optimizer steps over the same number of examples:
     throughput ratios between unequal runs would mean nothing."""
@@ -721,18 +763,23 @@ def main(argv: list[str] | None = None) -> int:
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="distsent-bench-")) if own_workdir else Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    for name in args.contender_names:
-        start = time.perf_counter()
-        if name == "distsent":
-            result = run_distsent(args, workdir, train_lengths, eval_set, tokenizer)
-        else:
-            result = run_trainer(args, name, workdir, argv)
-        results[name] = result
-        note(
-            f"[{name}] {result['tokens_per_second']:,.1f} real tokens/s, accuracy {result['accuracy']:.4f}, "
-            f"{time.perf_counter() - start:.0f} s"
-        )
+    runs: dict[str, list[dict]] = {name: [] for name in args.contender_names}
+    for round_index, order in enumerate(round_orders(args.contender_names, args.rounds)):
+        # Round 1 writes where a one-round run always has; later rounds in their own folders.
+        round_dir = workdir if round_index == 0 else workdir / f"round{round_index + 1}"
+        round_dir.mkdir(exist_ok=True)
+        for name in order:
+            start = time.perf_counter()
+            if name == "distsent":
+                result = run_distsent(args, round_dir, train_lengths, eval_set, tokenizer)
+            else:
+                result = run_trainer(args, name, round_dir, argv)
+            runs[name].append(result)
+            note(
+                f"[{name}] {result['tokens_per_second']:,.1f} real tokens/s, accuracy {result['accuracy']:.4f}, "
+                f"{time.perf_counter() - start:.0f} s"
+            )
+    results = {name: combine_rounds(runs[name]) for name in args.contender_names}
 
     check_equal_work(results, workload)
     peaks_after = device_gemm_peak(args.threads)
@@ -811,6 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         "trainer_best": best,
         "trainer_best_why": why,
         "parameters": params,
+        "rounds": args.rounds,
     }
     if "distsent" in results:
         checks = {"mfu": results["distsent"]["mfu_vs_best_peak"] >= TARGETS["mfu"]}

@@ -99,6 +99,52 @@ def test_compare_trainer_refuses_ratios_between_unequal_work(monkeypatch):
         check_equal_work({"distsent": {"optimizer_steps": 2, "train_examples": 64}}, workload)
 
 
+def test_rounds_alternate_the_order_and_combine_rates_over_all_the_work(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
+    from compare_trainer import combine_rounds, round_orders
+
+    assert round_orders(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    fast = {"tokens_per_second": 300.0, "examples_per_second": 30.0, "train_seconds": 10.0}
+    slow = {"tokens_per_second": 100.0, "examples_per_second": 10.0, "train_seconds": 30.0}
+    runs = [
+        {**fast, "accuracy": 0.8, "peak_rss_mib": 900.0, "process_wall_seconds": 12.0, "optimizer_steps": 7},
+        {**slow, "accuracy": 0.9, "peak_rss_mib": 1000.0, "process_wall_seconds": 32.0, "optimizer_steps": 7},
+    ]
+    combined = combine_rounds(runs)
+    # 6,000 tokens in 40 s: the rate over all the work, not the mean of the two rates (200).
+    assert combined["tokens_per_second"] == pytest.approx(150.0)
+    assert combined["examples_per_second"] == pytest.approx(15.0)
+    assert combined["train_seconds"] == 20.0 and combined["process_wall_seconds"] == 22.0
+    assert combined["accuracy"] == pytest.approx(0.85) and combined["peak_rss_mib"] == 1000.0
+    assert combined["optimizer_steps"] == 7
+    assert [run["tokens_per_second"] for run in combined["rounds"]] == [300.0, 100.0]
+    assert combine_rounds(runs[:1]) is runs[0]
+
+
+def test_compare_trainer_runs_two_rounds_in_opposite_orders(tmp_path):
+    output, workdir = tmp_path / "bench.jsonl", tmp_path / "work"
+    command = [
+        *[sys.executable, "bench/compare_trainer.py", "--model", "tiny-bert", "--epochs", "0.25"],
+        *["--max-train-samples", "128", "--max-eval-samples", "32", "--contenders", "distsent,trainer_defaults"],
+        *["--rounds", "2", "--output", str(output), "--workdir", str(workdir)],
+    ]
+    result = run_captured(command, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    finished = [line.split("]")[0][1:] for line in result.stderr.splitlines() if "real tokens/s, accuracy" in line]
+    assert finished == ["distsent", "trainer_defaults", "trainer_defaults", "distsent"]
+    records = {line["name"]: line for line in map(json.loads, output.read_text().splitlines())}
+    for name in ("distsent", "trainer_defaults"):
+        rounds = records[name]["rounds"]
+        assert len(rounds) == 2 and all(run["tokens_per_second"] > 0 for run in rounds)
+        seconds = sum(run["train_seconds"] for run in rounds)
+        tokens = sum(run["tokens_per_second"] * run["train_seconds"] for run in rounds)
+        assert records[name]["tokens_per_second"] == pytest.approx(tokens / seconds)
+    # Each round's distsent run trained into its own folder.
+    assert (workdir / "distsent" / "summary.json").is_file()
+    assert (workdir / "round2" / "distsent" / "summary.json").is_file()
+    assert records["summary"]["rounds"] == 2
+
+
 def test_the_trainer_best_target_is_undecided_when_a_trainer_setting_did_not_run(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))
     from compare_trainer import ON_TCMALLOC, TRAINER_SETTINGS, missing_trainer_settings
