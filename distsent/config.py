@@ -202,6 +202,11 @@ class ModelConfig:
     """With head `cls` on BERT, RoBERTa, XLM-R, CamemBERT or ELECTRA: compute the last encoder
     layer for the first token only, the one the classifier reads. Same logits, most of one
     layer's work skipped (13% of MiniLM-L6's FLOPs); exports are unchanged."""
+    train_only_seen_embeddings: bool = True
+    """On CPU (not DeepSpeed), keep the word-embedding rows of tokens no training text holds out
+    of the optimizer: their gradients are always zero, so AdamW only decays them, and that is
+    applied as one factor. Same training (to rounding); 7% shorter MiniLM steps on Rotten
+    Tomatoes; checkpoints and exports are unchanged."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel; SDPA is the fast default on CPU and GPU."""
     revision: str | None = None

@@ -64,6 +64,7 @@ from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher, record_preemption, segment_made_progress
 from distsent.run_lock import lock_output_dir
 from distsent.tracking import RunLogger, peak_memory_mib
+from distsent.training_rows import decay_held_aside_rows, token_ids_in, train_only_training_rows
 
 log = logging.getLogger("distsent")
 
@@ -297,14 +298,26 @@ def train(cfg: Config) -> dict:
         if on_cpu and not cfg.train.compile:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
+        # ZeRO-3 gathers weights by module and partitions optimizer state itself: left alone.
+        seen_rows_only = None
+        if on_cpu and cfg.model.train_only_seen_embeddings and not info.use_deepspeed:
+            # Padding and packed rows' filler are the tokenizer's pad token, in no text.
+            pad = [] if tokenizer.pad_token_id is None else [tokenizer.pad_token_id]
+            seen_rows_only = train_only_training_rows(
+                model, torch.cat([token_ids_in(train_set), torch.tensor(pad, dtype=torch.long)])
+            )
         # After the CPU attention is chosen: packing wraps whichever kernel it is.
         collator = training_collator(model, tokenizer.pad_token_id, cfg.train, first_token_only, on_cpu)
         packed = isinstance(collator, PackingCollator)
         trainable, frozen = parameter_counts(model)
+        if seen_rows_only is not None:  # trainable still: AdamW decays them
+            trainable += seen_rows_only.held_aside_rows * seen_rows_only.trained.size(1)
         # Fused AdamW exists for CPU and CUDA tensors; other devices take the foreach update.
         fused = accelerator.device.type in ("cpu", "cuda")
         optimizer = build_optimizer(cfg.train, model, fused=fused)
         model, optimizer = accelerator.prepare(model, optimizer)
+        if seen_rows_only is not None:
+            decay_held_aside_rows(model, optimizer.optimizer)
         # The scheduler is not prepared: accelerate would step it once per process.
         scheduler = build_schedule(cfg.train, optimizer, total_steps)
         # From here each rank draws its own dropout masks (seed + rank; a resume restores each
@@ -379,6 +392,12 @@ def train(cfg: Config) -> dict:
                 "model": (
                     f"{cfg.model.name} ({trainable:,} trainable, {frozen:,} frozen parameters)"
                     + (", last layer for [CLS] only (model.last_layer_cls_only)" if first_token_only else "")
+                    + (
+                        f", embedding rows of {seen_rows_only.held_aside_rows:,} tokens no training text holds"
+                        " only decayed (model.train_only_seen_embeddings)"
+                        if seen_rows_only is not None
+                        else ""
+                    )
                 ),
                 "data": f"{cfg.data.dataset} {splits.sizes()} labels {label_names}",
                 "notes": "; ".join(splits.notes) or "-",
@@ -645,6 +664,7 @@ def train(cfg: Config) -> dict:
             "distributed_type": accelerator.distributed_type.value,
             "allocator": allocator,
             "last_layer_cls_only": first_token_only,
+            "embedding_rows_only_decayed": 0 if seen_rows_only is None else seen_rows_only.held_aside_rows,
             "unpadded": packed,
             "unpad_min_padding": collator.min_padding if packed else None,
             "unpad_bucketed_lengths": packed and collator.bucket_lengths,

@@ -40,6 +40,19 @@ def test_summary_has_the_contract_keys(tiny_run: Path):
     assert (tiny_run / "config.yaml").is_file()
 
 
+def test_a_cpu_run_trains_only_the_embedding_rows_its_texts_hold(tiny_run: Path):
+    # A few hundred texts hold a few thousand of the 30,522 WordPiece tokens (training_rows.py).
+    held_aside = read_summary(tiny_run)["embedding_rows_only_decayed"]
+    assert 20_000 < held_aside < 30_522
+    stdout = (tiny_run.parent / "stdout.txt").read_text()
+    assert f"embedding rows of {held_aside:,} tokens no training text holds only decayed" in stdout
+    # The export holds the whole matrix, as nn.Embedding's.
+    from safetensors import safe_open
+
+    with safe_open(tiny_run / "final" / "model.safetensors", "pt") as export:
+        assert export.get_slice("bert.embeddings.word_embeddings.weight").get_shape()[0] == 30_522
+
+
 def test_a_cpu_run_without_deepspeed_prints_no_gpu_detection_warning(tiny_run: Path):
     # DeepSpeed is imported at export (accelerate checks for its engine) and, left to detect
     # an accelerator, warns that it found no GPU: noise on a CPU run that never asked for one.
