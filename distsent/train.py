@@ -298,7 +298,7 @@ def train(cfg: Config) -> dict:
         if on_cpu and not cfg.train.compile:
             # Compiled graphs draw dropout masks with inductor's own generator, which is fast.
             use_cpu_dropout(model)
-        # ZeRO-3 gathers weights by module and partitions optimizer state itself: left alone.
+        # Not with DeepSpeed: its engine steps its own optimizer, and ZeRO-3 partitions weights.
         seen_rows_only = None
         if on_cpu and cfg.model.train_only_seen_embeddings and not info.use_deepspeed:
             # Padding and packed rows' filler are the tokenizer's pad token, in no text.

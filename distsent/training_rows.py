@@ -9,10 +9,10 @@ the matrix every step, a tenth of a CPU step.
 
 `TrainingRowsEmbedding` trains the training tokens' rows as one compact parameter and keeps
 the others aside, multiplied by AdamW's decay factor after each optimizer step (one pass over
-them, against AdamW's, the zero-fill's and the norm's). Its state_dict() and load_state_dict() hold the whole matrix in the original order under
-nn.Embedding's key, so checkpoints, resumes and exports are unchanged. In the profile
-harness's step on the 2-core AMX VM: 113.8 against 122.3 ms (bench/RESULTS.md,
-twenty-second session).
+them, instead of AdamW's, the zero-fill's and the norm's). Its state_dict() and
+load_state_dict() hold the whole matrix in the original order under nn.Embedding's key, so
+checkpoints, resumes and exports are unchanged. In the profile harness's step on the 2-core
+AMX VM: 127.7 against 134.3 ms (bench/RESULTS.md, twenty-second session).
 """
 
 from __future__ import annotations
@@ -95,9 +95,17 @@ def _whole_matrix_state(module: TrainingRowsEmbedding, state_dict: dict, prefix:
 
 
 def _split_whole_matrix(module: TrainingRowsEmbedding, state_dict: dict, prefix: str, *args) -> None:
-    weight = state_dict.pop(prefix + "weight", None)
+    weight = state_dict.get(prefix + "weight")
     if weight is None:
         return  # load_state_dict reports the missing key
+    expected = (module.num_embeddings, module.trained.size(1))
+    if tuple(weight.shape) != expected:
+        error_messages = args[-1]  # load_state_dict's, reported with the rest
+        error_messages.append(
+            f"size mismatch for {prefix}weight: the checkpoint's is {tuple(weight.shape)}, the model's {expected}"
+        )
+        return
+    del state_dict[prefix + "weight"]
     weight = weight.to(module.trained.device)
     ordered = weight[module._order]
     trained = module.trained.size(0)

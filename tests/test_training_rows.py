@@ -5,6 +5,7 @@ loading see the whole matrix under nn.Embedding's key (resumes: tests/test_resum
 import copy
 
 import datasets
+import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -132,3 +133,12 @@ def test_a_distsent_heads_encoder_is_changed_too():
     assert list(after) == list(before)
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_matrix_of_another_size_is_refused_by_name():
+    model = tiny_classifier("bert")
+    train_only_training_rows(model, torch.arange(10, 60))
+    state = model.state_dict()
+    state[WORD_EMBEDDINGS] = torch.zeros(999, 32)
+    with pytest.raises(RuntimeError, match="size mismatch for bert.embeddings.word_embeddings.weight"):
+        model.load_state_dict(state)
