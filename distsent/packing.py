@@ -116,14 +116,14 @@ def real_tokens(batch: dict) -> torch.Tensor:
     return batch["cu_seq_lens"][-1] if is_packed(batch) else batch["attention_mask"].sum()
 
 
-def _transformers_model(model: nn.Module) -> PreTrainedModel:
+def transformers_model(model: nn.Module) -> PreTrainedModel:
     """The first transformers model inside: the classifier itself, or a distsent head's encoder."""
     return next(module for module in model.modules() if isinstance(module, PreTrainedModel))
 
 
 def packed_position_offset(model: nn.Module) -> int:
     """Where `model`'s position ids start for a text's first token."""
-    encoder = _transformers_model(model).base_model
+    encoder = transformers_model(model).base_model
     # RoBERTa-style embeddings number positions from padding_idx + 1; BERT's from 0.
     padding_index = getattr(encoder.embeddings, "padding_idx", None)
     return 0 if padding_index is None else padding_index + 1
@@ -132,7 +132,7 @@ def packed_position_offset(model: nn.Module) -> int:
 def position_limit(model: nn.Module) -> int | None:
     """The most tokens a text may have for `model`'s absolute position embeddings; None where
     positions are relative only (DeBERTa)."""
-    config = _transformers_model(model).config
+    config = transformers_model(model).config
     positions = getattr(config, "max_position_embeddings", None)
     if positions is None or getattr(config, "position_biased_input", True) is False:
         return None

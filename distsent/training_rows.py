@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional
-from transformers import PreTrainedModel
+
+from distsent.packing import transformers_model
 
 log = logging.getLogger("distsent")
 
@@ -54,6 +55,8 @@ class TrainingRowsEmbedding(nn.Module):
         self.trained = nn.Parameter(weight[trained].clone())
         self._untrained = weight[~trained].clone()
         self.padding_idx = embedding.padding_idx
+        # Where the padding row sits among the slots, for F.embedding (fixed, like the slots).
+        self._padding_slot = None if self.padding_idx is None else int(self._slot_of[self.padding_idx])
         self._register_state_dict_hook(_whole_matrix_state)
         self._register_load_state_dict_pre_hook(_split_whole_matrix, with_module=True)
 
@@ -74,8 +77,7 @@ class TrainingRowsEmbedding(nn.Module):
         table = self.trained
         if bool((slots >= self.trained.size(0)).any()):  # a token training never saw
             table = torch.cat([self.trained, self._untrained])
-        padding = None if self.padding_idx is None else int(self._slot_of[self.padding_idx])
-        return functional.embedding(slots, table, padding)
+        return functional.embedding(slots, table, self._padding_slot)
 
     def decay_after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Decay the held-aside rows as AdamW decayed the trained rows' group in the step just
@@ -117,9 +119,8 @@ def train_only_training_rows(model: nn.Module, training_ids: torch.Tensor) -> Tr
     """Replace `model`'s trainable word-embedding nn.Embedding with a `TrainingRowsEmbedding`
     over `training_ids` and return it (None: nothing changed). Call before the optimizer is
     built, then `decay_held_aside_rows` with it."""
-    # The classifier itself, or the transformers encoder inside a distsent head.
-    owner = next((module for module in model.modules() if isinstance(module, PreTrainedModel)), None)
-    embeddings = None if owner is None else owner.get_input_embeddings()
+    owner = transformers_model(model)  # the classifier, or the encoder inside a distsent head
+    embeddings = owner.get_input_embeddings()
     if type(embeddings) is not nn.Embedding or not embeddings.weight.requires_grad:
         return None
     if embeddings.max_norm is not None or embeddings.scale_grad_by_freq or embeddings.sparse:
