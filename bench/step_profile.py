@@ -1,9 +1,12 @@
 """Where one distsent CPU training step's time goes, and how each part scales with threads.
 
-    python bench/step_profile.py [--threads 1,2] [--steps 20] [--batch 32] [--length 28] [--min-length N] [KEY=VALUE ...]
+    python bench/step_profile.py [--threads 1,2] [--steps 20] [--batch 32] [--length 28] [--min-length N]
+                                 [--vocabulary 12503] [KEY=VALUE ...]
 
 The model and step `distsent train` runs on CPU (the packaged MiniLM unless overridden, its
-last layer for [CLS] only, CPU dropout masks, the precision `train.mixed_precision=auto` picks
+last layer for [CLS] only, CPU dropout masks, the word-embedding rows of tokens outside the
+training vocabulary held aside (texts are drawn from --vocabulary ids, 12,503 as in Rotten
+Tomatoes' training split), the precision `train.mixed_precision=auto` picks
 here (bf16 autocast where bf16 matmuls are faster than fp32 ones), gradient clipping, fused AdamW,
 tcmalloc where installed, else glibc keeping freed memory) on synthetic batches of one length:
 length grouping makes real batches nearly uniform (28 tokens on average for Rotten Tomatoes).
@@ -39,15 +42,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=28, help="tokens per text, [CLS] included")
     parser.add_argument("--min-length", type=int, default=None, help="shortest text; default: --length")
+    parser.add_argument(
+        "--vocabulary", type=int, default=12503, help="distinct token ids the texts are drawn from (the training set's)"
+    )
     parser.add_argument("--top", type=int, default=15, help="operators to list, by self time")
     parser.add_argument("overrides", nargs="*", help="distsent config overrides, e.g. model.name=tiny-bert")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vocabulary < 3:
+        parser.error("--vocabulary: at least 3 ids ([CLS], the pad token and one a text can hold)")
+    return args
 
 
 class TrainingStep:
     """One optimizer step of `distsent train` on CPU, timed phase by phase."""
 
-    def __init__(self, overrides: list[str], batch: int, length: int, min_length: int | None = None) -> None:
+    def __init__(
+        self, overrides: list[str], batch: int, length: int, min_length: int | None = None, vocabulary: int = 12503
+    ) -> None:
         import torch
 
         from distsent.allocator import active_allocator
@@ -58,6 +69,7 @@ class TrainingStep:
         from distsent.modeling import build_model, build_tokenizer, classification_loss
         from distsent.optim import build_optimizer
         from distsent.packing import is_packed, model_inputs, training_collator
+        from distsent.training_rows import decay_held_aside_rows, train_only_training_rows
 
         self.cfg = load_config(None, overrides)
         if active_allocator() == "system" and self.cfg.train.cpu_keep_freed_memory:
@@ -66,19 +78,27 @@ class TrainingStep:
         self.model = build_model(self.cfg.model, ["negative", "positive"], len(tokenizer))
         first_token_only = self.cfg.model.last_layer_cls_only and use_first_token_last_layer(self.model)
         use_cpu_dropout(self.model)
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        # The training set's vocabulary: [CLS], the pad token and the ids the texts are drawn from.
+        special = [tokenizer.cls_token_id, tokenizer.pad_token_id]
+        ordinary = 1000 + torch.randperm(len(tokenizer) - 1000, generator=generator)[: vocabulary - len(special)]
+        seen_rows_only = None
+        if self.cfg.model.train_only_seen_embeddings:
+            seen_rows_only = train_only_training_rows(self.model, torch.cat([torch.tensor(special), ordinary]))
         collate = training_collator(self.model, tokenizer.pad_token_id, self.cfg.train, first_token_only, on_cpu=True)
         self.model.train()
         self.optimizer = build_optimizer(self.cfg.train, self.model, fused=True)
+        if seen_rows_only is not None:
+            decay_held_aside_rows(self.model, self.optimizer)
         self.loss_of = classification_loss
         self.model_inputs = model_inputs
-        generator = torch.Generator().manual_seed(self.cfg.train.seed)
         shortest = length if min_length is None else min_length
         lengths = torch.randint(shortest, length + 1, (batch,), generator=generator)
         examples = [
             {
                 "input_ids": [
                     tokenizer.cls_token_id,
-                    *torch.randint(1000, len(tokenizer), (n - 1,), generator=generator).tolist(),
+                    *ordinary[torch.randint(0, len(ordinary), (n - 1,), generator=generator)].tolist(),
                 ],
                 "label": int(torch.randint(0, 2, (), generator=generator)),
             }
@@ -161,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     thread_counts = [int(count) for count in args.threads.split(",")]
     try:
-        step = TrainingStep(args.overrides, args.batch, args.length, args.min_length)
+        step = TrainingStep(args.overrides, args.batch, args.length, args.min_length, args.vocabulary)
     except ConfigError as error:
         print(f"step_profile.py: config error: {error}", file=sys.stderr)
         return 2

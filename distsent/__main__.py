@@ -460,7 +460,9 @@ def _run_command(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except NonFiniteOutputs as error:
-        print(f"distsent: non-finite outputs: {error}", file=sys.stderr)
+        # Every rank scored the same gathered outputs and stops on them: one of them says so.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"distsent: non-finite outputs: {error}", file=sys.stderr)
         return 1
     except ConfigError as error:
         return _user_error("config", error)

@@ -307,6 +307,9 @@ def agree_on_resume(accelerator, chosen: Path | None) -> Path | None:
 # Fingerprint entries added after checkpoints were first written: a checkpoint without one
 # predates it and is not compared on it (it resumed before, so it still does).
 FINGERPRINT_KEYS_OLDER_CHECKPOINTS_LACK = {"checkpoint_layout"}
+# Settings added since, with the value that does what distsent did before them: a checkpoint
+# without one was written that way, and this run continues it with that value set.
+OLDER_CHECKPOINTS_RAN_WITH = {"model.train_only_seen_embeddings": False}
 
 
 def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
@@ -319,7 +322,8 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
         ) from error
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    saved = payload.get("fingerprint", {})
+    recorded = payload.get("fingerprint", {})
+    saved = {**OLDER_CHECKPOINTS_RAN_WITH, **recorded}
     missing = sorted(set(fingerprint) - set(saved) - FINGERPRINT_KEYS_OLDER_CHECKPOINTS_LACK)
     if missing:
         raise CheckpointError(
@@ -331,8 +335,13 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     current = json.loads(json.dumps(fingerprint))
     differing = {key: (saved[key], value) for key, value in current.items() if key in saved and saved[key] != value}
     if differing:
-        details = ", ".join(f"{key}: checkpoint {old!r}, this run {new!r}" for key, (old, new) in differing.items())
-        # Where only the launch differs, say which launch continues it; otherwise it is another run.
+        details = ", ".join(
+            f"{key}: checkpoint {old!r}{'' if key in recorded else ' (written before the setting existed)'}, "
+            f"this run {new!r}"
+            for key, (old, new) in differing.items()
+        )
+        # Where only the launch or a setting older checkpoints predate differs, say what
+        # continues it; otherwise it is another run.
         ways = []
         if "precision" in differing:  # `auto` decided otherwise on this machine
             ways.append(f"set train.mixed_precision={differing['precision'][0]}")
@@ -340,8 +349,9 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
             ways.append(f"launch {differing['world_size'][0]} process(es)")
         if "checkpoint_layout" in differing:
             ways.append(f"launch it as it was launched ({differing['checkpoint_layout'][0]})")
-        launch_only = set(differing) <= {"precision", "world_size", "checkpoint_layout"}
-        relaunch = f"{' and '.join(ways)} to continue it, or " if launch_only else ""
+        ways += [f"set {key}={json.dumps(differing[key][0])}" for key in OLDER_CHECKPOINTS_RAN_WITH if key in differing]
+        continuable = set(differing) <= {"precision", "world_size", "checkpoint_layout", *OLDER_CHECKPOINTS_RAN_WITH}
+        relaunch = f"{' and '.join(ways)} to continue it, or " if continuable else ""
         raise CheckpointError(
             f"{path}: written by a different run or launch ({details}); "
             f"{relaunch}use another output_dir or train.resume=none"

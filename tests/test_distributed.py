@@ -491,3 +491,22 @@ def test_a_worker_that_crashes_with_its_group_up_prints_the_traceback_and_exits_
     assert result.returncode != 0
     assert result.stderr.count("RuntimeError: planted bug after prepare") >= 2, result.stderr[-4000:]
     assert "in planted_bug" in result.stderr and "exitcode  : 1" in result.stderr, result.stderr[-4000:]
+
+
+def test_a_diverged_validation_is_reported_once_not_by_every_rank(runs, tmp_path):
+    """Every rank scores the same gathered outputs and stops on them; one rank says why."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan_model"
+    shutil.copytree(runs["single"] / "final", broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights = {k: torch.full_like(v, float("nan")) if k.startswith("classifier.") else v for k, v in weights.items()}
+    save_file(weights, str(broken / "model.safetensors"))
+    args = ["train", *TINY, f"model.name={broken}", "train.max_steps=2", f"output_dir={tmp_path / 'run'}"]
+    stopped = launch("ddp.yaml", 2, *args, check=False)
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    # (The launcher's own traceback on a failed worker is torch's; none comes from distsent.)
+    assert "distsent/train.py" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.count("validation at step 2: the model scored") == 1, stopped.stderr[-3000:]

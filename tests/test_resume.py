@@ -268,6 +268,29 @@ def test_a_checkpoint_from_before_the_layout_was_recorded_still_resumes(tmp_path
     assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0
 
 
+def test_a_checkpoint_from_before_a_setting_existed_names_the_value_that_continues_it(tmp_path):
+    # Before model.train_only_seen_embeddings, every embedding row was trained: as with false.
+    run = tmp_path / "older"
+    args = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", f"output_dir={run}"]
+    run_cli(*args, "model.train_only_seen_embeddings=false")
+    shutil.copytree(run / "final", tmp_path / "straight_final")
+    first = complete_checkpoints(run)[0]
+    state_file = first / "training_state.json"
+    payload = json.loads(state_file.read_text())
+    del payload["fingerprint"]["model.train_only_seen_embeddings"]
+    state_file.write_text(json.dumps(payload))
+
+    refused = run_cli(*args, f"train.resume={first}", check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "model.train_only_seen_embeddings: checkpoint False (written before the setting existed)" in refused.stderr
+    assert "set model.train_only_seen_embeddings=false to continue it" in refused.stderr
+    assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0  # nothing lost
+
+    resumed = run_cli(*args, f"train.resume={first}", "model.train_only_seen_embeddings=false")
+    assert "(step 2)" in resumed.stdout + resumed.stderr
+    assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0
+
+
 def test_pickled_objects_are_refused(tmp_path):
     import torch
 
