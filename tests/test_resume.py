@@ -253,16 +253,23 @@ def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
     assert f"train.resume={earlier} resumes from the checkpoint before it" in truncated.stderr
 
 
-def test_a_checkpoint_from_before_the_layout_was_recorded_still_resumes(tmp_path):
+def older_checkpoint(tmp_path: Path, missing_key: str, *settings: str) -> tuple[list[str], Path, Path]:
+    """A 6-step run (the uninterrupted result copied to straight_final) whose first checkpoint's
+    fingerprint lacks `missing_key`, as an older distsent wrote it: (train args, run, checkpoint)."""
     run = tmp_path / "older"
     args = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", f"output_dir={run}"]
-    run_cli(*args)
+    run_cli(*args, *settings)
     shutil.copytree(run / "final", tmp_path / "straight_final")
     first = complete_checkpoints(run)[0]
     state_file = first / "training_state.json"
     payload = json.loads(state_file.read_text())
-    del payload["fingerprint"]["checkpoint_layout"]
+    del payload["fingerprint"][missing_key]
     state_file.write_text(json.dumps(payload))
+    return args, run, first
+
+
+def test_a_checkpoint_from_before_the_layout_was_recorded_still_resumes(tmp_path):
+    args, run, first = older_checkpoint(tmp_path, "checkpoint_layout")
     resumed = run_cli(*args, f"train.resume={first}")
     assert "(step 2)" in resumed.stdout + resumed.stderr
     assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0
@@ -270,23 +277,16 @@ def test_a_checkpoint_from_before_the_layout_was_recorded_still_resumes(tmp_path
 
 def test_a_checkpoint_from_before_a_setting_existed_names_the_value_that_continues_it(tmp_path):
     # Before model.train_only_seen_embeddings, every embedding row was trained: as with false.
-    run = tmp_path / "older"
-    args = ["train", *TINY, "train.max_steps=6", "checkpoint.every_steps=2", f"output_dir={run}"]
-    run_cli(*args, "model.train_only_seen_embeddings=false")
-    shutil.copytree(run / "final", tmp_path / "straight_final")
-    first = complete_checkpoints(run)[0]
-    state_file = first / "training_state.json"
-    payload = json.loads(state_file.read_text())
-    del payload["fingerprint"]["model.train_only_seen_embeddings"]
-    state_file.write_text(json.dumps(payload))
+    key = "model.train_only_seen_embeddings"
+    args, run, first = older_checkpoint(tmp_path, key, f"{key}=false")
 
     refused = run_cli(*args, f"train.resume={first}", check=False)
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert "model.train_only_seen_embeddings: checkpoint False (written before the setting existed)" in refused.stderr
-    assert "set model.train_only_seen_embeddings=false to continue it" in refused.stderr
+    assert f"{key}: checkpoint False (written before the setting existed), this run True" in refused.stderr
+    assert f"set {key}=false to continue it" in refused.stderr
     assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0  # nothing lost
 
-    resumed = run_cli(*args, f"train.resume={first}", "model.train_only_seen_embeddings=false")
+    resumed = run_cli(*args, f"train.resume={first}", f"{key}=false")
     assert "(step 2)" in resumed.stdout + resumed.stderr
     assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0
 
