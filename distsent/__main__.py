@@ -458,7 +458,9 @@ def _run_command(args: argparse.Namespace) -> int:
     from distsent.metrics import NonFiniteOutputs
 
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a reader that left is found here, not by Python's own flush at exit
+        return code
     except NonFiniteOutputs as error:
         # Every rank scored the same gathered outputs and stops on them: one of them says so.
         if os.environ.get("RANK", "0") == "0":
@@ -470,6 +472,11 @@ def _run_command(args: argparse.Namespace) -> int:
         return _user_error("checkpoint", error)
     except DataError as error:
         return _user_error("data", error)
+    except BrokenPipeError:
+        # The reader stopped early (`distsent predict ... | head`): nothing is left to say. The
+        # rest of stdout goes nowhere, so Python's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as error:
         if error.errno not in DISK_ERRORS:
             raise
@@ -484,6 +491,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return 1
 
 
+# A shell's status for a writer its reader left (128 + SIGPIPE), as `yes | head` reports.
+EXIT_BROKEN_PIPE = 141
 # What a full disk, a quota, a file-size limit or a read-only folder raise.
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
 

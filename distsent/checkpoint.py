@@ -312,6 +312,15 @@ FINGERPRINT_KEYS_OLDER_CHECKPOINTS_LACK = {"checkpoint_layout"}
 OLDER_CHECKPOINTS_RAN_WITH = {"model.train_only_seen_embeddings": False}
 
 
+# What changes a data digest of the fingerprint, said with it: two hashes alone name no setting.
+DIGEST_CAUSES = {
+    "train_set": " (the tokenised training texts or labels differ: the data, its cleaning or filtering, "
+    "data.max_train_samples, data.validation_fraction, data.split_seed or the tokenizer)",
+    "validation_set": " (the tokenised validation texts or labels differ: the validation file or split, "
+    "data.validation_fraction, data.split_seed, data.max_eval_samples, cleaning or the tokenizer)",
+}
+
+
 def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     """Read and check a checkpoint's JSON payload before any tensor is loaded."""
     try:
@@ -337,7 +346,7 @@ def read_checkpoint_payload(path: Path, fingerprint: dict) -> dict:
     if differing:
         details = ", ".join(
             f"{key}: checkpoint {old!r}{'' if key in recorded else ' (written before the setting existed)'}, "
-            f"this run {new!r}"
+            f"this run {new!r}{DIGEST_CAUSES.get(key, '')}"
             for key, (old, new) in differing.items()
         )
         # Where only the launch or a setting older checkpoints predate differs, say what

@@ -32,6 +32,7 @@ TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = (".json", ".jsonl")
 LINE_BREAK = re.compile(r"\r\n|\r|\n")
 INTEGER = re.compile(r"-?[0-9]+")
+WHOLE_FLOAT = re.compile(r"-?[0-9]+\.0*")
 HTML_TAG = re.compile(r"<\s*br\s*/?\s*>|</?[a-zA-Z][^>]{0,200}>")
 URL = re.compile(r"(?:https?://|www\.)\S+")
 SPACES = re.compile(r"\s+")
@@ -407,8 +408,11 @@ def label_key(label, label_names: list[str] | None) -> str:
     (`labels: [negative, positive]` with 0/1 data) unless they are names themselves, or the
     names are numbers (0 is not "the first of 1, 2, 3"). Surrounding spaces are not part of
     it (`"text", positive` in a CSV). A whole float is its integer: 1.0 is 1, as pandas writes
-    an integer column that has a gap."""
+    an integer column that has a gap, whether the file holds it as a number (JSON, Parquet) or
+    as text (CSV, TSV), unless "1.0" is itself a name in `label_names`."""
     key = str(int(label)) if isinstance(label, float) and label.is_integer() else str(label).strip()
+    if WHOLE_FLOAT.fullmatch(key) and not (label_names and key in label_names):
+        key = str(int(float(key)))
     if (
         label_names
         and key not in label_names
@@ -525,6 +529,20 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     texts, labels = {}, {}
     for split, rows in raw.items():
         texts[split], labels[split] = _to_ids(rows, label_names, bad, cfg.labels)
+    # data.labels is checked against the rows only now: with bad_rows=skip, rows of labels it
+    # does not list are gone, and may have been all of them, or all but one class.
+    if not texts["train"]:
+        raise nothing_left(raw["train"].where, "training rows left after filtering", notes + bad.notes())
+    present = [name for index, name in enumerate(label_names) if index in set(labels["train"])]
+    if len(present) < 2:
+        skipped = "; ".join(bad.notes())
+        raise DataError(
+            f"{raw['train'].where}: the training rows hold {len(present)} of the classes {label_names} "
+            f"({present}); a classifier needs at least 2" + (f" ({skipped})" if skipped else "")
+        )
+    absent = [name for name in label_names if name not in present]
+    if absent:
+        notes.append(f"no training rows of class(es) {absent}: the model cannot learn them")
     splits = LabeledSplits(texts, labels, label_names, notes)
 
     train_size = len(splits.texts["train"])

@@ -312,11 +312,12 @@ def carried_head_rows(source_config, label_names: list[str], single_logit: bool,
             return [old_names.index(name) for name in label_names]
         reason = f" and this run's labels are {list(label_names)}"
     log.warning(
-        "re-heading: the checkpoint is a %d-label classifier %s with a %s head%s; its head is discarded and a new "
-        "%s head with %d output(s) is initialised (classifier weights re-initialised, encoder kept)",
+        "re-heading: the checkpoint is a %d-label classifier %s with a %s head of %d output(s)%s; its head is "
+        "discarded and a new %s head with %d output(s) is initialised (classifier weights re-initialised, encoder kept)",
         len(old_names),
         old_names,
         old_head,
+        source_config.num_labels,
         reason,
         head,
         num_outputs,

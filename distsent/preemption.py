@@ -42,8 +42,9 @@ def record_preemption(reason: str, made_progress: bool) -> None:
         log.error(
             "this segment was stopped before it finished an optimizer step or a pending validation: "
             "its checkpoint is the one it resumed from, so a requeued job of the same length would "
-            "stop at the same point. Give the job more time, or make validation shorter "
-            "(data.max_eval_samples, a larger train.eval_batch_size)"
+            "stop at the same point. Give the job more time, or a larger train.eval_batch_size (a "
+            "resume may change it; a smaller data.max_eval_samples changes the validation set, "
+            "which only a new run may do)"
         )
     marker = os.environ.get("DISTSENT_PREEMPTED_FILE")
     if marker:

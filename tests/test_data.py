@@ -365,6 +365,18 @@ def test_labels_that_are_no_class_are_refused(tmp_path):
     one_class = write(tmp_path / "one.csv", "text,label\n" + "".join(f"text {i},pos\n" for i in range(20)))
     with pytest.raises(DataError, match=r"one.csv: the training data has 1 class\(es\) \['pos'\]"):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_class}"))
+    # Listing two names does not make one class's rows two classes.
+    with pytest.raises(
+        DataError, match=r"one.csv: the training rows hold 1 of the classes \['neg', 'pos'\] \(\['pos'\]\)"
+    ):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_class}", "data.labels=[neg, pos]"))
+    # A listed class without training rows trains, with a note that the model cannot learn it.
+    three = load_labeled_splits(
+        data_cfg(
+            "data.dataset=files", f"data.train_file={nan_label}", "data.labels=[neg, pos, mixed]", "data.bad_rows=skip"
+        )
+    )
+    assert "no training rows of class(es) ['mixed']: the model cannot learn them" in three.notes
 
 
 def test_bad_rows_skip_mode_counts_them(tmp_path):
@@ -513,6 +525,13 @@ def test_a_file_emptied_by_its_bad_rows_says_what_they_were(tmp_path):
         in str(error.value)
     )
     assert "latin.csv:2: undecodable" in str(error.value)
+    # Rows of labels data.labels does not list are skipped as they are turned into class ids.
+    other = write(tmp_path / "other.csv", GOOD)
+    with pytest.raises(DataError) as error:
+        load_labeled_splits(
+            data_cfg("data.dataset=files", f"data.train_file={other}", "data.labels=[good, bad]", "data.bad_rows=skip")
+        )
+    assert "other.csv: no training rows left after filtering (skipped 40 row(s): unknown label" in str(error.value)
 
 
 def test_a_json_record_without_the_label_is_a_bad_row_even_the_first(tmp_path):
@@ -543,6 +562,13 @@ def test_whole_float_labels_are_integers_and_utf16_is_named(tmp_path):
     assert load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}")).label_names == ["0", "1"]
     listed = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={path}", "data.labels=[neg, pos]"))
     assert listed.label_names == ["neg", "pos"]
+    # A CSV holds them as text, "1.0" (pandas' to_csv), unless that text is a listed name.
+    table = write(tmp_path / "floats.csv", "text,label\n" + "".join(f"text {i},{i % 2}.0\n" for i in range(40)))
+    assert load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={table}")).label_names == ["0", "1"]
+    named = data_cfg("data.dataset=files", f"data.train_file={table}", "data.labels=[neg, pos]")
+    assert load_labeled_splits(named).labels["train"].count(1) == 20 - round(20 * named.validation_fraction)
+    as_names = data_cfg("data.dataset=files", f"data.train_file={table}", "data.labels=['0.0', '1.0']")
+    assert load_labeled_splits(as_names).label_names == ["0.0", "1.0"]
     utf16 = write(tmp_path / "excel.tsv", GOOD.replace(",", "\t").encode("utf-16"))
     with pytest.raises(DataError, match=r"excel.tsv: UTF-16 text .*; save it as UTF-8"):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={utf16}"))

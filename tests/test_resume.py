@@ -444,6 +444,9 @@ def test_changed_data_or_precision_is_refused_on_resume(tmp_path):
     # Another validation set would be compared with the best metric of the first.
     refused = run_cli(*base, "data.max_eval_samples=50", "train.resume=auto", check=False)
     assert refused.returncode == 2 and "validation_set" in refused.stderr and "train_set" not in refused.stderr
+    # Two digests name no setting: the message says what makes them differ.
+    assert "the tokenised validation texts or labels differ" in refused.stderr
+    assert "data.max_eval_samples" in refused.stderr
     # The precision is compared as resolved, so `auto` cannot switch it between machines.
     refused = run_cli(*base, "train.mixed_precision=bf16", "train.resume=auto", check=False)
     assert refused.returncode == 2

@@ -174,6 +174,26 @@ def test_predict_reads_texts_from_standard_input_line_by_line(tiny_run: Path, tm
     assert missing.returncode == 2 and f"--file {tmp_path / 'absent.csv'}: file not found" in missing.stderr
 
 
+def test_predict_into_a_reader_that_stops_early_exits_quietly(tiny_run: Path, tmp_path: Path):
+    # `distsent predict --file texts.txt | head -1`: head leaves after one line.
+    texts = write_lines(tmp_path / "many.txt", [f"review number {i} was fine" for i in range(400)])
+    command = [sys.executable, "-m", "distsent", "predict", "--model", str(tiny_run / "final"), "--file", str(texts)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO
+    )
+    first = json.loads(process.stdout.readline())
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 141, stderr[-3000:]  # as a shell reports `yes | head`
+    assert first["text"] == "review number 0 was fine"
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-3000:]
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
 def test_predictions_clean_texts_as_training_did(tiny_run: Path, tmp_path: Path):
     import shutil
 
