@@ -297,6 +297,9 @@ class DataConfig:
             )
         if not self.has_header and not self.column_names:
             raise ConfigError("data.column_names is required when data.has_header=false")
+        if self.drop_multi_label and not self.multi_label_separator:
+            # "" is in every label: every row would be dropped as multi-label.
+            raise ConfigError("data.multi_label_separator must not be empty when data.drop_multi_label=true")
         if self.labels is not None and len(self.labels) < 2:
             raise ConfigError(
                 f"data.labels lists {len(self.labels)} label(s) {self.labels}; a classifier needs at least 2"

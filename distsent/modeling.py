@@ -457,9 +457,23 @@ def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> None:
             matched.update(hits)
     unmatched = [p for p in patterns if p not in matched]
     if unmatched:
-        raise ConfigError(f"model.freeze: patterns {unmatched} match no parameter name")
+        # Names depend on the head (`bert.` under `cls`, `encoder.` under `mean` and `cnn`).
+        prefixes = sorted({_name_prefix(name) for name, _ in model.named_parameters()})
+        raise ConfigError(
+            f"model.freeze: patterns {unmatched} match no parameter name; this model's names begin with "
+            f"{', '.join(prefixes[:12])}{' ...' if len(prefixes) > 12 else ''}"
+        )
     if patterns and not any(parameter.requires_grad for parameter in model.parameters()):
         raise ConfigError(f"model.freeze={patterns} freezes every parameter: nothing would train")
+
+
+def _name_prefix(name: str) -> str:
+    """A parameter name's part that says where it is: `bert.encoder.layer.N.`, `bert.pooler.`."""
+    layered = re.match(r"(.*?\.)\d+\.", name)
+    if layered:
+        return f"{layered.group(1)}N."
+    parts = name.split(".")
+    return ".".join(parts[:2]) + "." if len(parts) > 2 else name
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

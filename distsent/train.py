@@ -83,6 +83,8 @@ class TrainState:
     last_metrics: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     train_tokens: int = 0
+    packed_micro_batches: int = 0
+    """Of this process (the main one's in a checkpoint), over the whole run, as train_tokens."""
     # The logging window in progress, summed over all ranks, so a resumed run logs the same losses.
     window_loss_sum: float = 0.0
     window_micro_batches: int = 0
@@ -547,7 +549,6 @@ def train(cfg: Config) -> dict:
             state.window_train_seconds = state.train_seconds
 
         grad_norm = step_lr = None
-        packed_micro_batches = 0  # by this process since it started
         model.train()
         # fp16's loss scale after the last step. Read after each step, not before: a read waits
         # for the GPU, and before the step it would hold back queuing the optimizer.
@@ -586,7 +587,7 @@ def train(cfg: Config) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                 window_loss += loss.detach()
                 window_tokens += real_tokens(batch)
-                packed_micro_batches += is_packed(batch)
+                state.packed_micro_batches += is_packed(batch)
                 state.window_micro_batches += 1
                 if not accelerator.sync_gradients:
                     continue
@@ -668,7 +669,7 @@ def train(cfg: Config) -> dict:
             "unpadded": packed,
             "unpad_min_padding": collator.min_padding if packed else None,
             "unpad_bucketed_lengths": packed and collator.bucket_lengths,
-            "packed_micro_batches": packed_micro_batches,
+            "packed_micro_batches": state.packed_micro_batches,
             "train_seconds": round(state.train_seconds, 3),
             "train_tokens": state.train_tokens,
             "train_tokens_per_second": state.train_tokens / state.train_seconds,

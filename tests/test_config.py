@@ -271,3 +271,19 @@ def test_the_command_line_tells_config_files_from_overrides(tmp_path: Path):
     assert absent.returncode == 2 and "no such checkpoint folder" in absent.stderr and not new.exists()
     version = run_cli("--version")
     assert version.stdout.strip() == f"distsent {distsent.__version__}"
+
+
+def test_an_empty_multi_label_separator_is_refused():
+    # "" is in every label: every row would have been dropped as multi-label.
+    with pytest.raises(ConfigError, match="data.multi_label_separator must not be empty"):
+        load_config(None, ["data.drop_multi_label=true", "data.multi_label_separator="])
+
+
+@pytest.mark.parametrize("head, prefix", [("cls", "bert.encoder.layer.N."), ("mean", "encoder.encoder.layer.N.")])
+def test_a_freeze_pattern_that_matches_nothing_shows_the_models_names(head: str, prefix: str):
+    from distsent.modeling import build_model, build_tokenizer, freeze_parameters
+
+    cfg = load_config(None, ["model.name=tiny-bert", f"model.head={head}"])
+    model = build_model(cfg.model, ["negative", "positive"], len(build_tokenizer(cfg.model)))
+    with pytest.raises(ConfigError, match=rf"patterns \['bert\.x'\] match no parameter name; .*{re.escape(prefix)}"):
+        freeze_parameters(model, ["bert.x"])

@@ -269,10 +269,16 @@ def older_checkpoint(tmp_path: Path, missing_key: str, *settings: str) -> tuple[
 
 
 def test_a_checkpoint_from_before_the_layout_was_recorded_still_resumes(tmp_path):
-    args, run, first = older_checkpoint(tmp_path, "checkpoint_layout")
-    resumed = run_cli(*args, f"train.resume={first}")
+    packing = "train.unpad_min_padding=0.0"  # every micro-batch with padding is packed
+    args, run, first = older_checkpoint(tmp_path, "checkpoint_layout", packing)
+    straight = read_summary(run)
+    resumed = run_cli(*args, packing, f"train.resume={first}")
     assert "(step 2)" in resumed.stdout + resumed.stderr
     assert max_weight_difference(run / "final", tmp_path / "straight_final") == 0.0
+    # The summary's counts are the whole run's, the steps before the resume included.
+    assert straight["packed_micro_batches"] > 0
+    for key in ("packed_micro_batches", "train_tokens"):
+        assert read_summary(run)[key] == straight[key], key
 
 
 def test_a_checkpoint_from_before_a_setting_existed_names_the_value_that_continues_it(tmp_path):
