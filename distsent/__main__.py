@@ -172,12 +172,14 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
         has_undecodable,
         physical_lines,
         read_file,
+        refuse_utf16,
     )
 
     if _is_lines(path):
         # _predict has checked that a named file is there.
         shown = _shown_input(path)
         raw = sys.stdin.buffer.read() if str(path) == STDIN else path.read_bytes()
+        refuse_utf16(raw, shown)
         try:
             lines = physical_lines(raw.decode("utf-8-sig"))
         except UnicodeDecodeError as error:

@@ -170,10 +170,19 @@ def _read_hub(cfg: DataConfig, split: str) -> Rows:
 CSV_FIELD_LIMIT = 1 << 30
 
 
-def _decode(raw: bytes, path: Path) -> str:
+def refuse_utf16(raw: bytes, path) -> None:
+    """Excel's "Unicode text" export and other UTF-16 files, named as such: read as UTF-8, a
+    header would be a garbled name and every text would carry zero bytes."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        # Excel's "Unicode text" export: read as UTF-8, its header would be a garbled name.
         raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    start = raw[:4096]
+    # UTF-16 without a mark: every other byte of Latin text is zero, which UTF-8 text never has.
+    if start and start.count(0) * 4 >= len(start):
+        raise DataError(f"{path}: UTF-16 text (a zero byte in every other place); save it as UTF-8")
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    refuse_utf16(raw, path)
     # surrogateescape keeps undecodable bytes visible per row instead of failing the file.
     return raw.decode("utf-8-sig", errors="surrogateescape")
 

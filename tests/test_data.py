@@ -572,3 +572,6 @@ def test_whole_float_labels_are_integers_and_utf16_is_named(tmp_path):
     utf16 = write(tmp_path / "excel.tsv", GOOD.replace(",", "\t").encode("utf-16"))
     with pytest.raises(DataError, match=r"excel.tsv: UTF-16 text .*; save it as UTF-8"):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={utf16}"))
+    unmarked = write(tmp_path / "unmarked.tsv", GOOD.replace(",", "\t").encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"unmarked.tsv: UTF-16 text \(a zero byte in every other place\)"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={unmarked}"))

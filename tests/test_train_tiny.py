@@ -172,6 +172,11 @@ def test_predict_reads_texts_from_standard_input_line_by_line(tiny_run: Path, tm
     assert columns.returncode == 2 and "--id-column id: standard input is one text per line" in columns.stderr
     missing = run_cli(*absent_model, str(tmp_path / "absent.csv"), check=False)
     assert missing.returncode == 2 and f"--file {tmp_path / 'absent.csv'}: file not found" in missing.stderr
+    # A text file saved as UTF-16 is named as such, as a CSV is, not "not UTF-8 text".
+    utf16 = tmp_path / "texts.txt"
+    utf16.write_bytes("\n".join(texts).encode("utf-16"))
+    named = run_cli("predict", "--model", str(tiny_run / "final"), "--file", str(utf16), check=False)
+    assert named.returncode == 2 and f"{utf16}: UTF-16 text" in named.stderr, named.stderr[-2000:]
 
 
 def test_predict_into_a_reader_that_stops_early_exits_quietly(tiny_run: Path, tmp_path: Path):
