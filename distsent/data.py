@@ -542,7 +542,8 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
     # does not list are gone, and may have been all of them, or all but one class.
     if not texts["train"]:
         raise nothing_left(raw["train"].where, "training rows left after filtering", notes + bad.notes())
-    present = [name for index, name in enumerate(label_names) if index in set(labels["train"])]
+    seen = set(labels["train"])
+    present = [name for index, name in enumerate(label_names) if index in seen]
     if len(present) < 2:
         skipped = "; ".join(bad.notes())
         raise DataError(
