@@ -180,8 +180,9 @@ def test_predict_reads_texts_from_standard_input_line_by_line(tiny_run: Path, tm
 
 
 def test_predict_into_a_reader_that_stops_early_exits_quietly(tiny_run: Path, tmp_path: Path):
-    # `distsent predict --file texts.txt | head -1`: head leaves after one line.
-    texts = write_lines(tmp_path / "many.txt", [f"review number {i} was fine" for i in range(400)])
+    # `distsent predict --file texts.txt | head -1`: head leaves after one line. The output (over
+    # 200 KB) is more than a pipe holds, so predict is still writing when the reader leaves.
+    texts = write_lines(tmp_path / "many.txt", [f"review number {i} was fine" for i in range(3000)])
     command = [sys.executable, "-m", "distsent", "predict", "--model", str(tiny_run / "final"), "--file", str(texts)]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO
