@@ -162,6 +162,20 @@ def load_weights(export_dir: Path) -> dict:
     return weights
 
 
+def with_nan_classifier(export_dir: Path, copy_dir: Path) -> Path:
+    """A copy of an export whose classifier weights are all NaN, so every output is NaN."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(export_dir, copy_dir)
+    weights = load_file(str(copy_dir / "model.safetensors"))
+    weights = {k: torch.full_like(v, float("nan")) if k.startswith("classifier.") else v for k, v in weights.items()}
+    save_file(weights, str(copy_dir / "model.safetensors"))
+    return copy_dir
+
+
 def max_weight_difference(a: Path, b: Path) -> float:
     wa, wb = load_weights(a), load_weights(b)
     assert set(wa) == set(wb), f"different tensors in {a} and {b}"

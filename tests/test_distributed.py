@@ -30,6 +30,7 @@ from tests.conftest import (
     read_summary,
     run_captured,
     run_cli,
+    with_nan_classifier,
 )
 
 pytestmark = pytest.mark.slow
@@ -495,15 +496,7 @@ def test_a_worker_that_crashes_with_its_group_up_prints_the_traceback_and_exits_
 
 def test_a_diverged_validation_is_reported_once_not_by_every_rank(runs, tmp_path):
     """Every rank scores the same gathered outputs and stops on them; one rank says why."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    broken = tmp_path / "nan_model"
-    shutil.copytree(runs["single"] / "final", broken)
-    weights = load_file(str(broken / "model.safetensors"))
-    weights = {k: torch.full_like(v, float("nan")) if k.startswith("classifier.") else v for k, v in weights.items()}
-    save_file(weights, str(broken / "model.safetensors"))
+    broken = with_nan_classifier(runs["single"] / "final", tmp_path / "nan_model")
     args = ["train", *TINY, f"model.name={broken}", "train.max_steps=2", f"output_dir={tmp_path / 'run'}"]
     stopped = launch("ddp.yaml", 2, *args, check=False)
     assert stopped.returncode != 0, stopped.stderr[-3000:]

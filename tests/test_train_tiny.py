@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from tests.conftest import REPO, TINY, cli_env, read_summary, run_cli
+from tests.conftest import REPO, TINY, cli_env, read_summary, run_cli, with_nan_classifier
 
 LABELS = ["negative", "positive"]
 
@@ -376,15 +376,7 @@ def test_evaluate_draws_the_confusion_matrix_and_roc_of_a_file(tiny_run: Path, t
 
 
 def test_a_model_with_non_finite_outputs_is_refused_not_scored(tiny_run: Path, tmp_path: Path):
-    import shutil
-
-    from safetensors.torch import save_file
-
-    broken = tmp_path / "nan_model"
-    shutil.copytree(tiny_run / "final", broken)
-    weights = load_file(str(broken / "model.safetensors"))
-    weights = {k: torch.full_like(v, float("nan")) if k.startswith("classifier.") else v for k, v in weights.items()}
-    save_file(weights, str(broken / "model.safetensors"))
+    broken = with_nan_classifier(tiny_run / "final", tmp_path / "nan_model")
     heldout = tmp_path / "heldout.csv"
     heldout.write_text("text,label\nwhat a great film,positive\ndull and long,negative\n")
     for command in (["evaluate", "--data", str(heldout)], ["predict", "what a great film"]):
