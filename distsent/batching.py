@@ -123,7 +123,9 @@ class PadCollator:
             input_ids[row, : len(ids)] = torch.as_tensor(ids)
             attention_mask[row, : len(ids)] = 1
         labels = torch.as_tensor([e["label"] for e in examples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # Known here, on the host; asked of the mask on a GPU, it would wait for the GPU.
+        padded = any(len(e["input_ids"]) < longest for e in examples)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "padded": padded}
 
     def describe(self) -> str:
         return "padded to the longest text"

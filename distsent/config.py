@@ -475,10 +475,16 @@ class LogConfig:
     """Write learning-curve, confusion-matrix and ROC PNGs into the run folder at the end."""
     progress_bar: bool = True
     """Show a progress bar on the main process when stderr is a terminal (never in batch logs)."""
+    profile_steps: int = 0
+    """Profile this many optimizer steps, after the first 10, with torch.profiler: every process
+    writes profile_rank{N}.txt (operators by host and GPU time) and profile_rank{N}.json (a
+    Chrome trace) into the run folder. 0: no profile."""
 
     def validate(self) -> None:
         if not self.project:
             raise ConfigError("log.project must not be empty")
+        if self.profile_steps < 0:
+            raise ConfigError(f"log.profile_steps={self.profile_steps}: must be 0 (off) or more")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from distsent.batching import PadCollator, eval_shard
 from distsent.data import DataError
 from distsent.metrics import classification_metrics
 from distsent.modeling import classification_loss, probabilities
+from distsent.packing import model_inputs
 from distsent.preemption import Preempted
 
 
@@ -59,8 +60,8 @@ def predict_dataset(
     for batch_indices, batch in zip(batches, loader, strict=True):
         if should_stop is not None and should_stop():
             raise Preempted("stopped during evaluation")
-        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = {key: value.to(accelerator.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+        logits = model(**model_inputs(batch)).logits
         indices.append(torch.as_tensor(batch_indices, device=accelerator.device))
         probs.append(probabilities(logits))
         labels.append(batch["labels"])

@@ -362,9 +362,10 @@ class PooledClassifier(torch.nn.Module):
             if not self.pools_packed_texts:
                 raise ValueError(f"the {self.head_type} head cannot read packed batches")
             return self._forward_packed(input_ids, **packed)
-        if attention_mask is None:  # one unpadded text, or texts of equal length
-            attention_mask = torch.ones_like(input_ids)
+        # None (texts of one length) goes to the encoder as it is: see packing.model_inputs.
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         if self.head_type == "cnn":
             # Zero the padding's states: a text's last windows then see the zeros its own

@@ -99,7 +99,11 @@ def is_packed(batch: dict) -> bool:
 def model_inputs(batch: dict) -> dict:
     """The keyword arguments of the model's forward for a padded or a packed batch."""
     if not is_packed(batch):
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        # Texts of one length go without a mask. Given one, transformers asks at every forward
+        # whether it is all ones (to drop it), and on a GPU that question waits for the GPU to
+        # finish the previous step: the host can never queue a step ahead.
+        attention_mask = batch["attention_mask"] if batch.get("padded", True) else None
+        return {"input_ids": batch["input_ids"], "attention_mask": attention_mask}
     cumulative, longest = batch["cu_seq_lens"], batch["max_length"]
     return {
         "input_ids": batch["input_ids"],

@@ -79,6 +79,10 @@ class PreemptionWatcher:
 
     def should_stop(self, accelerator) -> bool:
         """True on every rank if any rank was signalled. Collective: all ranks must call it."""
+        if accelerator.num_processes == 1:
+            # Nothing to agree on, so nothing to read from the device: on a GPU that read
+            # would wait for the step just queued, and the host could never queue ahead.
+            return self.requested
         flag = torch.tensor(1.0 if self.requested else 0.0, device=accelerator.device)
         if accelerator.num_processes > 1:
             flag = accelerator.reduce(flag, "sum")

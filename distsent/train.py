@@ -63,6 +63,7 @@ from distsent.packing import is_packed, model_inputs, position_limit, real_token
 from distsent.plots import save_predictions, write_plots
 from distsent.preemption import Preempted, PreemptionWatcher, record_preemption, segment_made_progress
 from distsent.run_lock import lock_output_dir
+from distsent.step_profiler import StepProfiler
 from distsent.tracking import RunLogger, peak_memory_mib
 from distsent.training_rows import decay_held_aside_rows, token_ids_in, train_only_training_rows
 
@@ -230,6 +231,7 @@ def train(cfg: Config) -> dict:
             )
     watcher = PreemptionWatcher(cfg.checkpoint.signals)
     run_logger = None
+    step_profiler = None
     preempted = False
     run_lock = None
     try:
@@ -549,6 +551,10 @@ def train(cfg: Config) -> dict:
             state.window_train_seconds = state.train_seconds
 
         grad_norm = step_lr = None
+        if cfg.log.profile_steps:
+            step_profiler = StepProfiler(
+                cfg.log.profile_steps, output_dir, accelerator.process_index, accelerator.device
+            )
         model.train()
         # fp16's loss scale after the last step. Read after each step, not before: a read waits
         # for the GPU, and before the step it would hold back queuing the optimizer.
@@ -561,6 +567,9 @@ def train(cfg: Config) -> dict:
                 train_set,
                 batch_sampler=list(plan.micro_batches(epoch, start_step=step_in_epoch)),
                 collate_fn=collator,
+                # Copied from pageable memory, a batch would wait for the GPU's queue to drain
+                # (CUDA syncs the stream before such a copy); from pinned memory it is queued.
+                pin_memory=accelerator.device.type == "cuda",
                 # Its own generator: otherwise each new loader draws from the global RNG and a
                 # resumed run's dropout masks would differ from an uninterrupted run's.
                 generator=torch.Generator(),
@@ -602,21 +611,41 @@ def train(cfg: Config) -> dict:
                     scheduler.step()
                 scale_before = loss_scale(accelerator.scaler)
                 state.global_step += 1
-                # A GPU may still be running this step: the clock stops when it is done. Left
-                # to the preemption check's device read below, that wait fell outside the clock.
-                wait_for_device(accelerator.device)
-                state.train_seconds += time.perf_counter() - step_start
-                run_logger.advance(1)
                 epoch_done = state.global_step % steps_per_epoch == 0
-
-                if state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps:
-                    log_training_window()
-
+                should_log = state.global_step % cfg.train.log_every_steps == 0 or state.global_step == total_steps
                 should_eval = (
                     (cfg.train.eval_every_steps and state.global_step % cfg.train.eval_every_steps == 0)
                     or (cfg.train.eval_every_epoch and epoch_done)
                     or state.global_step == total_steps
                 )
+                should_checkpoint = (
+                    (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
+                    or (cfg.checkpoint.at_epoch_end and epoch_done)
+                ) and state.global_step < total_steps
+                # Whether the clock stops after this step, for work that is not training. Then
+                # it stops when a GPU has done the steps queued so far, not when they were
+                # queued. Otherwise the next step is queued at once and the clock runs on:
+                # waiting for the GPU at every step would keep the host from queuing ahead.
+                # Several processes read the preemption flag from the device at every step.
+                pauses = (
+                    should_log
+                    or should_eval
+                    or should_checkpoint
+                    or epoch_done
+                    or watcher.requested
+                    or accelerator.num_processes > 1
+                )
+                if pauses:
+                    wait_for_device(accelerator.device)
+                now = time.perf_counter()
+                state.train_seconds += now - step_start
+                step_start = now
+                if step_profiler is not None:
+                    step_profiler.step()
+                run_logger.advance(1)
+
+                if should_log:
+                    log_training_window()
                 if should_eval:
                     validate_and_export_best()
                 if state.stopped_early and state.window_micro_batches:
@@ -624,10 +653,6 @@ def train(cfg: Config) -> dict:
                     # now, before a checkpoint of this step could carry them into a resume.
                     log_training_window()
 
-                should_checkpoint = (
-                    (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
-                    or (cfg.checkpoint.at_epoch_end and epoch_done)
-                ) and state.global_step < total_steps
                 preempted = watcher.should_stop(accelerator)
                 if preempted:
                     reason = f"stopped at step {state.global_step} on {watcher.received}; checkpoint written"
@@ -637,8 +662,10 @@ def train(cfg: Config) -> dict:
                     checkpoint()
                 if state.global_step >= total_steps or epoch_done or state.stopped_early:
                     break
-                # The next step's clock starts here: evaluation and checkpointing are not training time.
-                step_start = time.perf_counter()
+                if pauses:
+                    # The next step's clock starts here: logging, evaluation and checkpointing
+                    # are not training time.
+                    step_start = time.perf_counter()
             if state.stopped_early:
                 log.info("early stop at step %d: %s", state.global_step, state.stopped_early)
 
@@ -703,6 +730,8 @@ def train(cfg: Config) -> dict:
         preempted = True
         raise
     finally:
+        if step_profiler is not None:
+            step_profiler.close()
         if run_logger is not None:
             run_logger.close(preempted)
         watcher.restore()

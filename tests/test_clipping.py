@@ -21,8 +21,12 @@ from distsent.clipping import (
 )
 from tests.conftest import TINY, run_cli
 
+# Where the fused AdamW step's kernel exists here: CUDA too on a machine with a GPU (the GPU
+# runs go with bench/gpu_suite.sh's; CI has none, and runs the CPU ones).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-def model_with_gradients(scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
+
+def model_with_gradients(scale: float = 1.0, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
     """A small model with gradients, one parameter without (it took no part in the loss).
 
     The gradients have their parameters' layout, as autograd gives them: torch 2.13's fused
@@ -32,7 +36,8 @@ def model_with_gradients(scale: float = 1.0, seed: int = 0) -> torch.nn.Module:
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter) * scale
     model[2].bias.grad = None
-    return model
+    # Drawn on the CPU, then moved: the same numbers on every device.
+    return model.to(device)
 
 
 def fused_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -61,8 +66,9 @@ def first_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> l
     return [optimizer.state[p]["exp_avg"] for p in model.parameters() if p.grad is not None]
 
 
-def test_the_norm_is_torchs_and_close_to_a_float64_sum():
-    model = model_with_gradients()
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_norm_is_torchs_and_close_to_a_float64_sum(device):
+    model = model_with_gradients(device=device)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     exact = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
     assert gradient_norm(model.parameters()).item() == pytest.approx(exact, rel=1e-6)
@@ -74,17 +80,19 @@ def test_the_norm_is_torchs_and_close_to_a_float64_sum():
     assert gradient_norm([torch.nn.Parameter(torch.ones(3))]).item() == 0.0  # no gradients at all
 
 
-def test_weights_within_the_limit_step_bit_for_bit_as_after_torchs_clipping():
-    reference, ours = model_with_gradients(), model_with_gradients()
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_within_the_limit_step_bit_for_bit_as_after_torchs_clipping(device):
+    reference, ours = model_with_gradients(device=device), model_with_gradients(device=device)
     norm, _ = torch_clip_then_step(reference, max_norm=1e6)
     assert clip_in_step(ours, max_norm=1e6)[0].item() == pytest.approx(norm.item(), rel=1e-6)
     for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
         assert torch.equal(expected, got)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("max_norm", [1.0, 0.01])
-def test_clipped_gradients_step_as_after_torchs_clipping(max_norm):
-    reference, ours = model_with_gradients(scale=10.0), model_with_gradients(scale=10.0)
+def test_clipped_gradients_step_as_after_torchs_clipping(max_norm, device):
+    reference, ours = model_with_gradients(scale=10.0, device=device), model_with_gradients(scale=10.0, device=device)
     _, reference_optimizer = torch_clip_then_step(reference, max_norm)
     _, our_optimizer = clip_in_step(ours, max_norm)
     for expected, got in zip(reference.parameters(), ours.parameters(), strict=True):
@@ -96,8 +104,9 @@ def test_clipped_gradients_step_as_after_torchs_clipping(max_norm):
     assert clipped_norm == pytest.approx(max_norm, rel=1e-4)
 
 
-def test_a_non_finite_norm_spoils_the_step_as_torchs_clipping_does():
-    reference, ours = model_with_gradients(), model_with_gradients()
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_non_finite_norm_spoils_the_step_as_torchs_clipping_does(device):
+    reference, ours = model_with_gradients(device=device), model_with_gradients(device=device)
     for model in (reference, ours):
         model[0].weight.grad[3, 4] = math.nan
     torch_clip_then_step(reference, max_norm=1.0)

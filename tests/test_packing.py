@@ -295,3 +295,21 @@ def test_cnn_head_plain_cls_head_and_unlisted_encoders_stay_padded():
     assert not reads_packed_batches(tiny_classifier("distilbert"), first_token_only=False)
     # An encoder whose attention is its own (relative positions) might drop the lengths.
     assert not reads_packed_batches(tiny_pooled_classifier("deberta-v2", "mean", "eager"), first_token_only=False)
+
+
+@pytest.mark.parametrize("head", ["cls", "mean", "cnn"])
+def test_texts_of_one_length_go_without_a_mask_and_score_as_with_it(head):
+    # The mask of texts of one length is all ones; left out, transformers need not look at it
+    # (a wait for the GPU, at every forward). The logits are those with the mask.
+    if head == "cls":
+        model = packed_copy(tiny_classifier("bert")).eval()
+    else:
+        model = tiny_pooled_classifier("bert", head).eval()
+    collate = PadCollator(model.config.pad_token_id)
+    same_length = collate(examples([7, 7, 7]))
+    inputs = model_inputs(same_length)
+    assert not same_length["padded"] and inputs["attention_mask"] is None
+    with_mask = {**inputs, "attention_mask": same_length["attention_mask"]}
+    assert torch.allclose(model(**inputs).logits, model(**with_mask).logits, atol=1e-6)
+    padded = collate(examples([7, 5, 7]))
+    assert padded["padded"] and torch.equal(model_inputs(padded)["attention_mask"], padded["attention_mask"])
