@@ -169,6 +169,7 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
         UNDECODABLE_TEXT,
         BadRows,
         DataError,
+        clean_text,
         has_undecodable,
         physical_lines,
         read_file,
@@ -199,6 +200,10 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
             raise DataError(f"{origin}: {text!r} in the text column (--text-column {cfg.text_column}) is not text")
         if has_undecodable(text):
             raise DataError(f"{origin}: {UNDECODABLE_TEXT}")
+        if not clean_text(text, cfg).strip():
+            # A label and a score for nothing would read as a prediction; a .txt file's blank
+            # lines are skipped, but a row here has a place (and maybe an id) in the output.
+            raise DataError(f"{origin}: empty text (training and evaluate refuse empty texts too)")
         if id_column and (row_id is None or str(row_id).strip() == ""):
             raise DataError(f"{origin}: no id in the id column (--id-column {id_column})")
     return rows.texts, rows.labels if id_column else None

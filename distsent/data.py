@@ -590,7 +590,14 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
             "class has one training row and a class's only row stays in train; give a validation file/split"
         )
     if "test" in splits.texts and not splits.texts["test"]:
-        raise nothing_left(cfg.test_file or "the test split", "test rows left after filtering", splits.notes)
+        if "test" in raw:
+            raise nothing_left(cfg.test_file or "the test split", "test rows left after filtering", splits.notes)
+        # Held out of train after validation: nothing was filtered, there was nothing to spare.
+        raise DataError(
+            f"no test data: data.test_fraction={cfg.test_fraction} held out nothing, as no class had a training "
+            "row to spare once validation took its share (a class's last row stays in train); give a test "
+            "file/split or set data.test_fraction=0"
+        )
     return splits
 
 

@@ -74,7 +74,7 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
     except ConfigError as error:
         problems.append(str(error))
 
-    wandb_mode = os.environ.get("WANDB_MODE", "online")
+    wandb_mode = os.environ.get("WANDB_MODE") or "unset (wandb's default: online)"
     key = "set" if os.environ.get("WANDB_API_KEY") else "not set (uses ~/.netrc if logged in)"
     facts.append(("W&B", f"log.wandb={str(cfg.log.wandb).lower()}, WANDB_MODE={wandb_mode}, API key {key}"))
     facts.append(("model", _model_source(cfg.model.name, cfg.model.revision, problems)))
@@ -106,9 +106,12 @@ def _model_source(name: str, revision: str | None, problems: list[str]) -> str:
     except ValueError:  # not a Hub id either: a mistyped path, say
         problems.append(f"model.name={name}: neither a local folder nor a Hub id")
         return f"{name} (not found)"
-    if constants.HF_HUB_OFFLINE and not cached:
+    if cached:
+        return f"{name} (Hub id, cached)"
+    if constants.HF_HUB_OFFLINE:
         problems.append(f"model.name={name}: a Hub id not in the local cache, and HF_HUB_OFFLINE is set")
-    return f"{name} (Hub id{', cached' if cached else ', not cached: downloaded at start'})"
+        return f"{name} (Hub id, not cached, and offline: cannot be downloaded)"
+    return f"{name} (Hub id, not cached: downloaded at start)"
 
 
 def _data_source(cfg: Config, problems: list[str]) -> str:

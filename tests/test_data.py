@@ -82,11 +82,23 @@ def test_a_test_file_with_no_usable_row_is_refused(tmp_path):
 
 
 def test_no_validation_data_says_why(tmp_path):
-    """Each of the three ways to end up without validation rows gets its own remedy."""
+    """Each of the three ways to end up without validation rows, and a held-out test split with
+    nothing to hold out, gets its own remedy."""
     singles = write(tmp_path / "singles.csv", "text,label\na,x\nb,y\nc,z\n")
     with pytest.raises(DataError, match=r"validation_fraction=0.5 held out nothing, as every class has one"):
         load_labeled_splits(
             data_cfg("data.dataset=files", f"data.train_file={singles}", "data.validation_fraction=0.5")
+        )
+    # Validation takes each class's spare row; the test split then has none to take.
+    pairs = write(tmp_path / "pairs.csv", "text,label\na,x\nb,x\nc,y\nd,y\n")
+    with pytest.raises(DataError, match=r"test_fraction=0.25 held out nothing, as no class had a training row"):
+        load_labeled_splits(
+            data_cfg(
+                "data.dataset=files",
+                f"data.train_file={pairs}",
+                "data.validation_fraction=0.5",
+                "data.test_fraction=0.25",
+            )
         )
     with pytest.raises(DataError, match=r"set data.validation_fraction > 0"):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={singles}", "data.validation_fraction=0"))

@@ -26,6 +26,17 @@ def test_doctor_finds_what_would_stop_the_run_at_its_start(tmp_path):
     offline = run_cli("doctor", "model.name=someone/not-cached-model", env={"HF_HUB_OFFLINE": "1"}, check=False)
     assert offline.returncode == 1
     assert "model.name=someone/not-cached-model: a Hub id not in the local cache, and HF_HUB_OFFLINE" in offline.stdout
+    # The model's line agrees with the problem: nothing is downloaded offline.
+    assert "not cached, and offline: cannot be downloaded" in offline.stdout
+    assert "downloaded at start" not in offline.stdout
+
+
+def test_doctor_names_an_unset_wandb_mode_as_unset():
+    env = {key: value for key, value in cli_env().items() if key != "WANDB_MODE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "distsent", "doctor"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert "WANDB_MODE=unset (wandb's default: online)" in result.stdout, result.stdout
 
 
 def test_doctor_never_prints_the_api_key():

@@ -335,6 +335,10 @@ def test_predictions_carry_the_id_column_given(tiny_run: Path, tmp_path: Path):
     table_in.write_text("review_id,text\n1,what a great film\n,dull and long\n")
     empty = run_cli(*predict[:4], str(table_in), *predict[5:], check=False)
     assert empty.returncode == 2 and f"{table_in}:3: no id in the id column (--id-column review_id)" in empty.stderr
+    # An empty text gets no label: it stops at its line, as in training and evaluate.
+    table_in.write_text('review_id,text\n1,what a great film\n2,"  "\n')
+    blank = run_cli(*predict[:4], str(table_in), *predict[5:], check=False)
+    assert blank.returncode == 2 and f"{table_in}:3: empty text" in blank.stderr
     unknown = run_cli(*predict[:-1], "id", check=False)
     assert unknown.returncode == 2 and "no column 'id' (--id-column)" in unknown.stderr
     as_arguments = run_cli("predict", "--model", str(tiny_run / "final"), "--id-column", "id", "a text", check=False)
