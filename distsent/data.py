@@ -269,14 +269,40 @@ def _next_row(reader, path: Path, line: int, bad: BadRows) -> list[str] | None:
         return []
 
 
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_records(text: str, path: Path) -> list[tuple[str, object]]:
+    """The records of a valid JSON array, each named by the line it starts on and its place
+    (`data.json:14, record 3`): an editor goes to a line, and one line may hold many records."""
+    decoder = json.JSONDecoder()
+    records = []
+    position = JSON_SPACE.match(text).end() + 1  # past the "["
+    line, counted = 1, 0
+    while True:
+        position = JSON_SPACE.match(text, position).end()
+        if text[position] == "]":
+            return records
+        # Line breaks as physical_lines counts them (a raw \r cannot sit inside a JSON string).
+        between = text[counted:position]
+        line += between.count("\n") + between.count("\r") - between.count("\r\n")
+        counted = position
+        record, position = decoder.raw_decode(text, position)
+        records.append((f"{path}:{line}, record {len(records) + 1}", record))
+        position = JSON_SPACE.match(text, position).end()
+        if text[position] == ",":
+            position += 1
+
+
 def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     text = _decode(path.read_bytes(), path)
     stripped = text.lstrip()
     if path.suffix.lower() == ".json" and stripped.startswith("["):
         try:
-            records = [(f"{path}#{i + 1}", r) for i, r in enumerate(json.loads(text))]
+            json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
+        records = _json_array_records(text, path)
     else:
         records = []
         for number, line in enumerate(physical_lines(text), start=1):

@@ -546,6 +546,20 @@ def test_a_file_emptied_by_its_bad_rows_says_what_they_were(tmp_path):
     assert "other.csv: no training rows left after filtering (skipped 40 row(s): unknown label" in str(error.value)
 
 
+def test_a_json_array_names_a_bad_record_by_its_line_and_place(tmp_path):
+    rows = [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(40)]
+    rows[2] = {"text": "  ", "label": "a"}
+    # Pretty-printed: each record spans 4 lines after the "[" line, the third starts on line 10.
+    pretty = write(tmp_path / "pretty.json", json.dumps(rows, indent=2).replace("\n", "\r\n"))
+    with pytest.raises(DataError, match=r"pretty.json:10, record 3: empty text"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={pretty}"))
+    one_line = write(tmp_path / "one_line.json", json.dumps(rows))
+    with pytest.raises(DataError, match=r"one_line.json:1, record 3: empty text"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_line}"))
+    splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_line}", "data.bad_rows=skip"))
+    assert sum(splits.sizes().values()) == 39
+
+
 def test_a_json_record_without_the_label_is_a_bad_row_even_the_first(tmp_path):
     rows = [{"text": "unlabelled"}] + [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(40)]
     path = write(tmp_path / "first.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
