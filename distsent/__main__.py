@@ -18,6 +18,7 @@ from pathlib import Path
 from distsent import __version__
 from distsent.allocator import use_tcmalloc
 from distsent.config import ConfigError, settings_reference
+from distsent.early_signals import catch_early_signals
 from distsent.worker_exit import exit_without_teardown, process_group_is_up, report_fatal_signals
 
 EXIT_USAGE = 2
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             use_tcmalloc()
         except ConfigError as error:
             return _user_error("config", error)
+    if args.command == "train":
+        # After the re-execution above, which resets handlers; before the slow imports.
+        catch_early_signals()
     from distsent.distributed import prepare_environment
 
     info = prepare_environment()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from distsent.early_signals import is_early_catch, take_early_signals
+
 log = logging.getLogger("distsent")
 
 # EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run means.
@@ -70,7 +72,13 @@ class PreemptionWatcher:
         self._previous = {}
         for name in signal_names:
             number = getattr(signal, name)
-            self._previous[number] = signal.signal(number, self._on_signal)
+            previous = signal.signal(number, self._on_signal)
+            # Not back to the early catch's handler at the end: to what it stood in for.
+            self._previous[number] = signal.SIG_DFL if is_early_catch(previous) else previous
+        # A signal caught while `distsent train` was starting stops the run at the first step.
+        early = take_early_signals(signal_names)
+        if early is not None:
+            self.requested, self.received = True, early
 
     def _on_signal(self, number: int, frame) -> None:
         # Only set a flag: a handler runs between bytecodes, possibly mid-collective.
