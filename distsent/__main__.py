@@ -204,7 +204,7 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
         if not clean_text(text, cfg).strip():
             # A label and a score for nothing would read as a prediction; a .txt file's blank
             # lines are skipped, but a row here has a place (and maybe an id) in the output.
-            raise DataError(f"{origin}: empty text (training and evaluate refuse empty texts too)")
+            raise DataError(f"{origin}: empty text (training and evaluate do not score empty texts either)")
         if id_column and (row_id is None or str(row_id).strip() == ""):
             raise DataError(f"{origin}: no id in the id column (--id-column {id_column})")
     return rows.texts, rows.labels if id_column else None
@@ -431,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             use_tcmalloc()
         except ConfigError as error:
             return _user_error("config", error)
-    if args.command == "train":
-        # After the re-execution above, which resets handlers; before the slow imports.
+    if args.command == "train" and argv is None:
+        # After the re-execution above, which resets handlers; before the slow imports. Not
+        # called in-process (tests, scripts): the caller's own handlers stay its own.
         catch_early_signals()
     from distsent.distributed import prepare_environment
 

@@ -475,10 +475,11 @@ def read_history(path: Path) -> tuple[list[tuple[str, dict]], int | None]:
 
 def archive_previous_run(output_dir: Path) -> list[Path]:
     """Move an earlier run's config, metrics.jsonl, checkpoints, exports, summary, predictions,
-    plots and W&B files aside, so a fresh run starts its own history, neither its pruning nor a later
+    plots, profiles and W&B files aside, so a fresh run starts its own history, neither its pruning nor a later
     `train.resume=auto` touches the old run's, its first validation does not replace the old
     `best/` (lost for good if the new run then fails), and no old plot sits beside the new ones."""
     from distsent.plots import PLOTS_DIR, PREDICTIONS_FILE
+    from distsent.step_profiler import PROFILE_FILE, PROFILE_PREFIX
     from distsent.tracking import METRICS_FILE, WANDB_DIR
 
     names = (
@@ -492,6 +493,8 @@ def archive_previous_run(output_dir: Path) -> list[Path]:
         *EXPORT_DIRS,
     )
     present = [path for path in (Path(output_dir) / name for name in names) if path.exists()]
+    # log.profile_steps' files, of any rank count; not those an earlier fresh run moved aside.
+    present += sorted(path for path in Path(output_dir).glob(f"{PROFILE_PREFIX}*") if PROFILE_FILE.fullmatch(path.name))
     if not present:
         return []
 

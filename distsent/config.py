@@ -476,7 +476,7 @@ class LogConfig:
     progress_bar: bool = True
     """Show a progress bar on the main process when stderr is a terminal (never in batch logs)."""
     profile_steps: int = 0
-    """Profile this many optimizer steps, after the first 10, with torch.profiler: every process
+    """Profile this many optimizer steps, after the first 11, with torch.profiler: every process
     writes profile_rank{N}.txt (operators by host and GPU time) and profile_rank{N}.json (a
     Chrome trace) into the run folder. 0: no profile."""
 

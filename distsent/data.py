@@ -621,7 +621,7 @@ def load_labeled_splits(cfg: DataConfig) -> LabeledSplits:
         # Held out of train after validation: nothing was filtered, there was nothing to spare.
         raise DataError(
             f"no test data: data.test_fraction={cfg.test_fraction} held out nothing, as no class had a training "
-            "row to spare once validation took its share (a class's last row stays in train); give a test "
+            "row to spare (a class's last row stays in train, after any validation hold-out); give a test "
             "file/split or set data.test_fraction=0"
         )
     return splits

@@ -3,7 +3,8 @@
 A benchmark's step is never quite the training loop's: the data loader, accelerate's wrappers,
 the schedule, the logging and the host-device syncs between steps are where a GPU's time
 goes missing. So the profile is taken inside `distsent train`, on every process, after
-PROFILE_WARMUP_STEPS steps (kernel selection, the allocator's first blocks, compilation).
+PROFILE_WARMUP_STEPS steps (kernel selection, the allocator's first blocks, compilation) and
+one more, the profiler's own warm-up.
 
 Each process writes, next to metrics.jsonl:
 - `profile_rank{N}.txt`: operators by self time on the host, and on the GPU where there is one,
@@ -13,24 +14,33 @@ Each process writes, next to metrics.jsonl:
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-# Steps run before the profile starts: the first ones pay once-only costs.
+log = logging.getLogger("distsent")
+
+# Steps run before the profile starts: the first ones pay once-only costs. One more follows,
+# the profiler's own warm-up, before the profiled steps.
 PROFILE_WARMUP_STEPS = 10
+# The files' names in the run folder: profile_rank{N}.txt and .json.
+PROFILE_PREFIX = "profile_rank"
+PROFILE_FILE = re.compile(rf"{PROFILE_PREFIX}\d+\.(txt|json)")
 # Rows of the operator tables.
 TABLE_ROWS = 40
 
 
 class StepProfiler:
-    """Profiles optimizer steps PROFILE_WARMUP_STEPS+1 .. PROFILE_WARMUP_STEPS+`steps` of this
-    process; `step()` after each optimizer step, `close()` at the end (or on the way out)."""
+    """Profiles optimizer steps PROFILE_WARMUP_STEPS+2 .. PROFILE_WARMUP_STEPS+1+`steps` of
+    this process; `step()` after each optimizer step, `close()` at the end (or on the way out)."""
 
     def __init__(self, steps: int, output_dir: Path, rank: int, device: torch.device) -> None:
         self.steps = steps
-        self.prefix = Path(output_dir) / f"profile_rank{rank}"
+        self.stepped = 0
+        self.prefix = Path(output_dir) / f"{PROFILE_PREFIX}{rank}"
         self.on_gpu = device.type == "cuda"
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.on_gpu else [])
         self.profiler = profile(
@@ -43,11 +53,22 @@ class StepProfiler:
         self.profiler.start()
 
     def step(self) -> None:
+        self.stepped += 1
         self.profiler.step()
 
     def close(self) -> None:
-        """Stop profiling; a run shorter than the profile writes what it has."""
-        self.profiler.stop()
+        """Stop profiling. A run that stops within the profiled steps (preempted, say) writes
+        those; one that stops before them writes nothing. A profile never costs the run: a
+        failure to write it (a full disk) is a warning."""
+        try:
+            self.profiler.stop()
+        except Exception as error:  # whatever it is, the run's own outcome comes first
+            log.warning("the profile (log.profile_steps) was not written: %s", error)
+
+    @property
+    def profiled_steps(self) -> int:
+        """The optimizer steps inside the profile so far."""
+        return max(0, min(self.steps, self.stepped - PROFILE_WARMUP_STEPS - 1))
 
     def _write(self, profiler) -> None:
         if self.written:
@@ -65,14 +86,15 @@ class StepProfiler:
         """How much of the profiled steps' wall time the GPU spent in kernels and copies (their
         times summed: on one stream they do not overlap)."""
         events = profiler.events()
-        profiled = f"{self.steps} optimizer step(s) after {PROFILE_WARMUP_STEPS + 1}"
-        if not events:
+        steps = self.profiled_steps
+        profiled = f"{steps} optimizer step(s) after {PROFILE_WARMUP_STEPS + 1}"
+        if not events or not steps:
             return f"{profiled}: no events"
         start = min(event.time_range.start for event in events)
         end = max(event.time_range.end for event in events)
         wall_ms = (end - start) / 1000
         if not self.on_gpu:
-            return f"{profiled}: {wall_ms / self.steps:.2f} ms per step on the host"
+            return f"{profiled}: {wall_ms / steps:.2f} ms per step on the host"
         # Kernels and copies only, as torch's own "Self CUDA time total": an operator's row
         # repeats the time of the kernels it launched, and a user annotation's (ProfilerStep#N
         # on the GPU's timeline) spans them.
@@ -82,6 +104,6 @@ class StepProfiler:
             if average.device_type == torch.autograd.DeviceType.CUDA and not average.is_user_annotation
         )
         return (
-            f"{profiled}: {wall_ms / self.steps:.2f} ms per step, the GPU busy "
-            f"{device_us / 1000 / self.steps:.2f} ms of it ({device_us / 1000 / wall_ms:.0%})"
+            f"{profiled}: {wall_ms / steps:.2f} ms per step, the GPU busy "
+            f"{device_us / 1000 / steps:.2f} ms of it ({device_us / 1000 / wall_ms:.0%})"
         )

@@ -639,9 +639,10 @@ def train(cfg: Config) -> dict:
                     wait_for_device(accelerator.device)
                 now = time.perf_counter()
                 state.train_seconds += now - step_start
-                step_start = now
                 if step_profiler is not None:
-                    step_profiler.step()
+                    step_profiler.step()  # at the profile's end it writes it: not training time
+                    now = time.perf_counter()
+                step_start = now
                 run_logger.advance(1)
 
                 if should_log:

@@ -19,6 +19,10 @@ def test_a_run_profiles_its_steps_after_the_warm_up_and_writes_a_table_and_a_tra
     trace = json.loads((out / "profile_rank0.json").read_text())
     steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}
     assert steps == {"ProfilerStep#11", "ProfilerStep#12", "ProfilerStep#13"}, steps
+    # A fresh run in the folder moves the profile aside with the rest of the earlier run.
+    run_cli("train", *TINY, "train.max_steps=2", f"output_dir={out}")
+    assert not (out / "profile_rank0.txt").exists() and not (out / "profile_rank0.json").exists()
+    assert sorted(path.suffix for path in out.glob("profile_rank0.before-*")) == [".json", ".txt"]
 
 
 def test_a_run_shorter_than_its_profile_writes_none_and_trains_as_usual(tmp_path):
