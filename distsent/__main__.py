@@ -204,7 +204,8 @@ def _read_texts(path: Path, cfg, id_column: str | None) -> tuple[list[str], list
         if not clean_text(text, cfg).strip():
             # A label and a score for nothing would read as a prediction; a .txt file's blank
             # lines are skipped, but a row here has a place (and maybe an id) in the output.
-            raise DataError(f"{origin}: empty text (training and evaluate do not score empty texts either)")
+            emptied = " once the model's data.strip_html/strip_urls cleaning took it out" if text.strip() else ""
+            raise DataError(f"{origin}: empty text{emptied} (training and evaluate do not score empty texts either)")
         if id_column and (row_id is None or str(row_id).strip() == ""):
             raise DataError(f"{origin}: no id in the id column (--id-column {id_column})")
     return rows.texts, rows.labels if id_column else None

@@ -294,6 +294,17 @@ def _json_array_records(text: str, path: Path) -> list[tuple[str, object]]:
             position += 1
 
 
+def _one_object_over_lines(text: str) -> bool:
+    """Whether `text` is a single JSON object spread over lines (pretty-printed, or a
+    {"data": [...]} wrapper), not JSON lines."""
+    if sum(1 for line in physical_lines(text) if line.strip()) < 2:
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
     text = _decode(path.read_bytes(), path)
     stripped = text.lstrip()
@@ -303,6 +314,12 @@ def _read_json(path: Path, cfg: DataConfig, bad: BadRows) -> Rows:
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from error
         records = _json_array_records(text, path)
+    elif path.suffix.lower() == ".json" and stripped.startswith("{") and _one_object_over_lines(text):
+        # Read as JSON lines it would be a bad row per line, none saying why.
+        raise DataError(
+            f"{path}: one JSON object over several lines; a .json file holds an array of records "
+            '([{"text": ..., "label": ...}, ...]) or one record per line (JSON lines)'
+        )
     else:
         records = []
         for number, line in enumerate(physical_lines(text), start=1):

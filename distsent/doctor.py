@@ -25,6 +25,10 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+# The values wandb's settings take for WANDB_MODE (wandb 0.31); wandb.init fails on any other.
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+
+
 def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
     """(facts to print, problems that would stop a run)."""
     info = read_launch_info()
@@ -74,7 +78,10 @@ def diagnose(cfg: Config) -> tuple[list[tuple[str, str]], list[str]]:
     except ConfigError as error:
         problems.append(str(error))
 
-    wandb_mode = os.environ.get("WANDB_MODE") or "unset (wandb's default: online)"
+    wandb_mode = os.environ.get("WANDB_MODE")
+    if wandb_mode and wandb_mode not in WANDB_MODES:
+        problems.append(f"WANDB_MODE={wandb_mode}: wandb takes {', '.join(WANDB_MODES)}")
+    wandb_mode = wandb_mode or "(not set: wandb's default, online)"
     key = "set" if os.environ.get("WANDB_API_KEY") else "not set (uses ~/.netrc if logged in)"
     facts.append(("W&B", f"log.wandb={str(cfg.log.wandb).lower()}, WANDB_MODE={wandb_mode}, API key {key}"))
     facts.append(("model", _model_source(cfg.model.name, cfg.model.revision, problems)))
@@ -95,11 +102,15 @@ def _model_source(name: str, revision: str | None, problems: list[str]) -> str:
     """Where model.name comes from, and a problem where it cannot come from there now."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from distsent.modeling import LOCAL_MODEL_NAMES
+    from distsent.modeling import LOCAL_MODEL_NAMES, require_model_folder
 
     if name in LOCAL_MODEL_NAMES:
         return f"{name} (packaged, no Hub needed)"
     if Path(name).is_dir():
+        try:
+            require_model_folder(name)
+        except ConfigError as error:
+            problems.append(str(error))
         return f"{name} (local folder)"
     try:
         cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
@@ -109,7 +120,10 @@ def _model_source(name: str, revision: str | None, problems: list[str]) -> str:
     if cached:
         return f"{name} (Hub id, cached)"
     if constants.HF_HUB_OFFLINE:
-        problems.append(f"model.name={name}: a Hub id not in the local cache, and HF_HUB_OFFLINE is set")
+        # huggingface_hub reads TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE too.
+        problems.append(
+            f"model.name={name}: a Hub id not in the local cache, and HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set"
+        )
         return f"{name} (Hub id, not cached, and offline: cannot be downloaded)"
     return f"{name} (Hub id, not cached: downloaded at start)"
 

@@ -57,6 +57,17 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
+def require_model_folder(name: str) -> None:
+    """A local folder given as model.name holds a model (its config.json); a run folder, say,
+    does not, and transformers then fails on a tokenizer it cannot build, with a traceback."""
+    folder = Path(name)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return
+    exports = [str(folder / export) for export in ("best", "final") if (folder / export / "config.json").is_file()]
+    hint = f"; did you mean {' or '.join(exports)}?" if exports else ""
+    raise ConfigError(f"model.name={name}: a folder without a model (no config.json){hint}")
+
+
 def build_tokenizer(cfg: ModelConfig):
     """The model's tokenizer; loaded first, so an unknown or unreachable model stops here."""
     try:

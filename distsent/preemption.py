@@ -79,9 +79,7 @@ class PreemptionWatcher:
         early = take_early_signals(signal_names)
         if early is not None:
             self.requested, self.received = True, early
-            log.warning(
-                "%s came while distsent train was starting: stopping at the first step, with a checkpoint", early
-            )
+            log.warning("%s came while distsent train was starting: the run stops at its first step boundary", early)
 
     def _on_signal(self, number: int, frame) -> None:
         # Only set a flag: a handler runs between bytecodes, possibly mid-collective.

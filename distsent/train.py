@@ -55,6 +55,7 @@ from distsent.modeling import (
     build_tokenizer,
     classification_loss,
     parameter_counts,
+    require_model_folder,
     weighted_loss_sum,
     weighted_mean_loss,
 )
@@ -251,6 +252,7 @@ def train(cfg: Config) -> dict:
         kept_freed_memory = on_cpu and allocator == "system" and cfg.train.cpu_keep_freed_memory and keep_freed_memory()
         set_seed(cfg.train.seed)
 
+        require_model_folder(cfg.model.name)
         tokenizer = build_tokenizer(cfg.model)
         # Read and tokenised by rank 0 first, then each other node's first process, then the
         # rest: every later process loads the cache (shared or node-local) its leader wrote.
@@ -553,7 +555,7 @@ def train(cfg: Config) -> dict:
         grad_norm = step_lr = None
         if cfg.log.profile_steps:
             step_profiler = StepProfiler(
-                cfg.log.profile_steps, output_dir, accelerator.process_index, accelerator.device
+                cfg.log.profile_steps, output_dir, accelerator.process_index, accelerator.device, state.global_step
             )
         model.train()
         # fp16's loss scale after the last step. Read after each step, not before: a read waits

@@ -558,6 +558,10 @@ def test_a_json_array_names_a_bad_record_by_its_line_and_place(tmp_path):
         load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_line}"))
     splits = load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={one_line}", "data.bad_rows=skip"))
     assert sum(splits.sizes().values()) == 39
+    # An object that wraps the records is neither an array nor JSON lines, and is named so.
+    wrapped = write(tmp_path / "wrapped.json", json.dumps({"data": rows}, indent=2))
+    with pytest.raises(DataError, match=r"wrapped.json: one JSON object over several lines; a .json file holds"):
+        load_labeled_splits(data_cfg("data.dataset=files", f"data.train_file={wrapped}", "data.bad_rows=skip"))
 
 
 def test_a_json_record_without_the_label_is_a_bad_row_even_the_first(tmp_path):

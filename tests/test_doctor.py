@@ -31,12 +31,27 @@ def test_doctor_finds_what_would_stop_the_run_at_its_start(tmp_path):
     assert "downloaded at start" not in offline.stdout
 
 
+def test_a_run_folder_given_as_the_model_is_named_by_doctor_and_train(tmp_path):
+    # A run folder holds its model in best/ and final/; transformers failed on it with a
+    # traceback about a tokenizer backend.
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "config.json").write_text("{}")
+    expected = f"model.name={run}: a folder without a model (no config.json); did you mean {run / 'best'}?"
+    doctor = run_cli("doctor", f"model.name={run}", check=False)
+    assert doctor.returncode == 1 and expected in doctor.stdout, doctor.stdout
+    train = run_cli("train", f"model.name={run}", f"output_dir={tmp_path / 'out'}", check=False)
+    assert train.returncode == 2 and expected in train.stderr and "Traceback" not in train.stderr, train.stderr
+
+
 def test_doctor_names_an_unset_wandb_mode_as_unset():
     env = {key: value for key, value in cli_env().items() if key != "WANDB_MODE"}
     result = subprocess.run(
         [sys.executable, "-m", "distsent", "doctor"], cwd=REPO, env=env, capture_output=True, text=True
     )
-    assert "WANDB_MODE=unset (wandb's default: online)" in result.stdout, result.stdout
+    assert "WANDB_MODE=(not set: wandb's default, online)" in result.stdout, result.stdout
+    bogus = run_cli("doctor", env={"WANDB_MODE": "ofline"}, check=False)
+    assert bogus.returncode == 1 and "WANDB_MODE=ofline: wandb takes online, offline" in bogus.stdout, bogus.stdout
 
 
 def test_doctor_never_prints_the_api_key():
