@@ -92,9 +92,7 @@ class PreemptionWatcher:
             # Nothing to agree on, so nothing to read from the device: on a GPU that read
             # would wait for the step just queued, and the host could never queue ahead.
             return self.requested
-        flag = torch.tensor(1.0 if self.requested else 0.0, device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, "sum")
+        flag = accelerator.reduce(torch.tensor(1.0 if self.requested else 0.0, device=accelerator.device), "sum")
         # .item() is a host-device sync; once per optimizer step is cheap next to the step.
         stop = flag.item() > 0
         if stop and not self.requested:
